@@ -1,0 +1,33 @@
+"""The scoring agents: micro-batches of raw records through the shared processor.
+
+Per-event errors are handled inside the processor. Anything that still escapes is a bug; Faust would
+restart the agent and the batch in flight would be lost, or leave the worker alive doing nothing.
+So the worker exits instead: the batch was not acked, and a restart replays it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from app.batching import micro_batches
+from app.settings import settings
+from app.worker import app, pipelines
+
+log = logging.getLogger(__name__)
+
+
+def _agent_for(pipeline):
+    async def score(stream):
+        async for batch in micro_batches(stream, settings.batch_max):
+            try:
+                await pipeline.processor.handle(batch)
+            except Exception:
+                log.critical("unexpected error in %s pipeline; exiting so the batch is replayed",
+                             pipeline.usecase.name, exc_info=True)
+                os._exit(70)
+
+    score.__name__ = score.__qualname__ = f"score_{pipeline.usecase.name}"
+    return app.agent(pipeline.input, name=f"score_{pipeline.usecase.name}")(score)
+
+
+scoring_agents = {name: _agent_for(p) for name, p in pipelines.items()}

@@ -1,0 +1,307 @@
+"""One micro-batch of raw records through decode, routing, state, features, score, publish, commit.
+
+The order of effects is what makes a crash harmless:
+  1. outputs (scores, forwards, dead letters) are published and their delivery awaited;
+  2. only then is the new state written to the table (and its changelog delivery awaited);
+  3. only then are the source events acked, so Faust may commit their offsets.
+A crash before 2 replays the events against the old state: same features, duplicate outputs.
+A crash between 2 and 3 replays events whose state is already written: the per-key record of the
+last applied source offset (`applied`) recognises them and they are skipped, their outputs having
+been delivered in step 1. So state is never double-counted and no event goes without an output.
+
+An event contributes to state only if its output was delivered; a dead-lettered event does not,
+so replaying its dead letter later applies it exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from functools import lru_cache
+
+import numpy as np
+import orjson
+
+from aiokafka.partitioner import murmur2
+
+from app import metrics
+from app.codec import decode
+from app.errors import Poison, is_transient
+from app.faults import Faults
+from app.gate import Record, RetryPolicy, publish, publish_until_acknowledged
+from app.scorer import Scorer
+from app.usecases import UseCase
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_TOPIC = "dead_letters"
+# Headers that carry a record's first coordinates through the repartition hop, so that dead
+# letters and idempotency refer to the record the producer actually wrote.
+ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
+REPLAY_HEADER = "replay.count"
+
+
+class Item:
+    """One source record on its way through the batch."""
+
+    __slots__ = ("event", "origin", "headers", "value", "key", "features", "state",
+                 "score", "reasons", "stage", "error", "attempts", "output")
+
+    def __init__(self, event) -> None:
+        msg = event.message
+        self.event = event
+        self.headers = dict(msg.headers or ())
+        if ORIGIN[0] in self.headers:
+            self.origin = (self.headers[ORIGIN[0]].decode(), int(self.headers[ORIGIN[1]]),
+                           int(self.headers[ORIGIN[2]]))
+        else:
+            self.origin = (msg.topic, msg.partition, msg.offset)
+        self.value = None
+        self.key = None
+        self.features = None
+        self.state = None
+        self.score = None
+        self.reasons = None
+        self.stage = None
+        self.error = None
+        self.attempts = 1
+        self.output = None
+
+    def fail(self, stage: str, error: BaseException, attempts: int = 1) -> None:
+        self.stage, self.error, self.attempts = stage, error, attempts
+
+    @property
+    def ok(self) -> bool:
+        return self.stage is None
+
+
+def dead_letter(item: Item) -> Record:
+    """Original key and value bytes untouched; the error context in headers (as KIP-1034)."""
+    msg = item.event.message
+    topic, partition, offset = item.origin
+    headers = [
+        ("errors.exception", type(item.error).__name__.encode()),
+        ("errors.message", str(item.error)[:1000].encode()),
+        ("errors.stage", item.stage.encode()),
+        ("errors.topic", topic.encode()),
+        ("errors.partition", str(partition).encode()),
+        ("errors.offset", str(offset).encode()),
+        ("errors.attempts", str(item.attempts).encode()),
+        ("errors.ts", str(int(time.time() * 1000)).encode()),
+    ]
+    if REPLAY_HEADER in item.headers:
+        headers.append((REPLAY_HEADER, item.headers[REPLAY_HEADER]))
+    return Record(DEAD_LETTER_TOPIC, msg.key, msg.value, headers, owner=item)
+
+
+class Processor:
+    def __init__(self, app, usecase: UseCase, table, scorer: Scorer, repartition_topic: str,
+                 policy: RetryPolicy, faults: Faults, max_event_bytes: int) -> None:
+        self.app = app
+        self.uc = usecase
+        self.table = table
+        self.scorer = scorer
+        self.repartition_topic = repartition_topic
+        self.policy = policy
+        self.faults = faults
+        self.max_event_bytes = max_event_bytes
+        self.partitions = app.conf.topic_partitions
+        self.partition_of = lru_cache(maxsize=1 << 16)(self._partition_of)
+        self.m = metrics.for_pipeline(usecase.name)
+
+    def _partition_of(self, key: bytes) -> int:
+        # Kafka's default partitioner (murmur2), as the producer uses for the repartition hop.
+        return (murmur2(key) & 0x7FFFFFFF) % self.partitions
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _decode(self, item: Item) -> None:
+        msg = item.event.message
+        try:
+            item.value = decode(msg.value, self.uc.schema, self.max_event_bytes, self.uc.check)
+        except Poison as exc:
+            item.fail(exc.stage, exc)
+            return
+        item.key = item.value[self.uc.key_field]
+
+    def _needs_forward(self, item: Item) -> bool:
+        """Keyed by the state key and on its partition already? Otherwise go through the repartition topic."""
+        msg = item.event.message
+        if msg.topic == self.repartition_topic:
+            return False
+        key = item.key.encode()
+        return msg.key != key or msg.partition != self.partition_of(key)
+
+    def _fold(self, items: list[Item]) -> dict[str, tuple[dict | None, list[Item]]]:
+        """Apply events to state per key, in arrival order. Returns key -> (record before, items)."""
+        by_key: dict[str, list[Item]] = defaultdict(list)
+        for it in items:
+            by_key[it.key].append(it)
+        before = {}
+        for key, its in by_key.items():
+            record = self.table.read(key)
+            before[key] = (record, its)
+            state = record["state"] if record else self.uc.new_state()
+            applied = dict(record["applied"]) if record else {}
+            for it in its:
+                src = f"{it.origin[0]}:{it.origin[1]}"
+                if applied.get(src, -1) >= it.origin[2]:
+                    it.stage = "duplicate"  # already in the state: its output was delivered before
+                    continue
+                try:
+                    new_state = self.uc.apply(state, it.value)
+                    it.features = self.uc.features(new_state, it.value)
+                except Exception as exc:
+                    it.fail("features", exc)
+                    continue
+                state = it.state = new_state
+                applied[src] = it.origin[2]
+        return before
+
+    async def _score(self, items: list[Item]) -> None:
+        if not items:
+            return
+        t0 = time.perf_counter()
+        rows = np.array([it.features for it in items], dtype=np.float64)
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                self.faults.check_score(self.uc.name)
+                if self.faults.poisoned([it.value[self.uc.id_field] for it in items]):
+                    raise ValueError("model rejected an input row")
+                scores = self.scorer.predict(rows)
+                break
+            except Exception as exc:
+                if is_transient(exc):
+                    self.m.retries.labels("score").inc()
+                    if attempt < self.policy.attempts:
+                        await asyncio.sleep(self.policy.backoff_s(attempt))
+                        continue
+                    for it in items:
+                        it.fail("score", exc, attempts=attempt)
+                    return
+                scores = self._score_each(items, rows)
+                break
+        self.m.score_seconds.observe(time.perf_counter() - t0)
+        contributions = self.scorer.contributions(rows) if self.uc.reasons else None
+        for i, it in enumerate(items):
+            if not it.ok:
+                continue
+            score = float(scores[i])
+            if not 0.0 <= score <= 1.0:
+                it.fail("score", ValueError(f"model returned {score!r}"))
+                continue
+            it.score = score
+            if contributions is not None:
+                it.reasons = self._reasons(contributions[i])
+
+    def _score_each(self, items: list[Item], rows: np.ndarray) -> np.ndarray:
+        """A batch predict raised: isolate the row(s) that the model rejects."""
+        scores = np.full(len(items), np.nan)
+        for i, it in enumerate(items):
+            try:
+                if self.faults.poisoned([it.value[self.uc.id_field]]):
+                    raise ValueError("model rejected this input row")
+                scores[i] = self.scorer.predict(rows[i:i + 1])[0]
+            except Exception as exc:
+                it.fail("score", exc)
+        return scores
+
+    def _reasons(self, contrib: np.ndarray) -> list[dict]:
+        top = np.argsort(-contrib[:-1])[: self.uc.reasons]
+        return [{"feature": self.uc.feature_names[j], "contribution": round(float(contrib[j]), 4)}
+                for j in top if contrib[j] > 0]
+
+    def _output(self, item: Item, now_ms: int) -> Record:
+        uc, v = self.uc, item.value
+        body = {
+            uc.id_field: v[uc.id_field],
+            uc.key_field: item.key,
+            "score": item.score,
+            "model_version": self.scorer.version,
+            "event_ts": v["ts"],
+            "scored_at": now_ms,
+            **uc.output(v, item.state, item.score, item.reasons),
+            "features": item.features,
+        }
+        return Record(uc.output_topic, item.key.encode(), orjson.dumps(body), owner=item)
+
+    def _forward(self, item: Item) -> Record:
+        msg = item.event.message
+        headers = [(k, v) for k, v in (msg.headers or ()) if k not in ORIGIN]
+        headers += [(ORIGIN[0], item.origin[0].encode()), (ORIGIN[1], str(item.origin[1]).encode()),
+                    (ORIGIN[2], str(item.origin[2]).encode())]
+        return Record(self.repartition_topic, item.key.encode(), msg.value, headers, owner=item)
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    async def handle(self, events: list) -> None:
+        items = [Item(e) for e in events]
+        local, forward = [], []
+        for it in items:
+            self._decode(it)
+            if it.ok:
+                (forward if self._needs_forward(it) else local).append(it)
+        before = self._fold(local)
+        await self._score([it for it in local if it.ok and it.features is not None])
+
+        now_ms = int(time.time() * 1000)
+        records = [self._output(it, now_ms) for it in local if it.ok]
+        records += [self._forward(it) for it in forward]
+        failed = await publish(self.app.producer, records, self.policy,
+                               on_retry=lambda rs: self.m.retries.labels("publish").inc(len(rs)))
+        for r in failed:
+            r.owner.fail("publish", r.error, attempts=r.attempts)
+        letters = [dead_letter(it) for it in items if it.stage not in (None, "duplicate")]
+        await publish_until_acknowledged(self.app.producer, letters, self.policy,
+                                         on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
+
+        self._commit_state(before)
+        await self.table.confirm(self.policy, lambda keys: self._rewrite(keys, before))
+        for e in events:
+            e.ack()
+        self._count(items, now_ms)
+
+    def _new_record(self, record: dict | None, its: list[Item]) -> dict | None:
+        """The state after the delivered events of one key (None: nothing to write)."""
+        delivered = [it for it in its if it.ok]
+        if not delivered:
+            return None
+        if all(it.ok or it.stage == "duplicate" for it in its):
+            state = delivered[-1].state  # common case: nothing failed, the fold stands
+        else:  # refold without the events that became dead letters
+            state = record["state"] if record else self.uc.new_state()
+            for it in delivered:
+                state = self.uc.apply(state, it.value)
+        applied = dict(record["applied"]) if record else {}
+        for it in delivered:
+            applied[f"{it.origin[0]}:{it.origin[1]}"] = it.origin[2]
+        return {"state": state, "applied": applied}
+
+    def _commit_state(self, before: dict) -> None:
+        for key, (record, its) in before.items():
+            new = self._new_record(record, its)
+            if new is not None:
+                self.table.write(its[-1].event, key, new)
+
+    def _rewrite(self, keys: list[str], before: dict) -> None:
+        for key in keys:
+            record, its = before[key]
+            self.table.write(its[-1].event, key, self._new_record(record, its))
+
+    def _count(self, items: list[Item], now_ms: int) -> None:
+        m = self.m
+        m.events_in.inc(len(items))
+        scored = 0
+        for it in items:
+            if it.stage is None:
+                if it.score is not None:
+                    scored += 1
+                    m.latency.observe(max(0.0, (now_ms - it.value["ts"]) / 1000.0))
+                    m.scores.observe(it.score)
+            elif it.stage == "duplicate":
+                m.duplicates.inc()
+            else:
+                m.dead_letters.labels(it.stage).inc()
+        m.scored.inc(scored)
+        m.batch_size.observe(len(items))

@@ -1,0 +1,76 @@
+"""What differs between the pipelines: schema, key, state functions, features, output shape.
+
+Everything else (decode, routing, idempotency, scoring, the gate, dead letters) is shared in
+`app.processor`. Training imports the same objects, so offline and online cannot drift apart.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from app.codec import Check, Field, Poison, Schema, timestamp
+from app.settings import settings
+from tables import session
+
+
+@dataclass(frozen=True)
+class UseCase:
+    name: str
+    source_topic: str
+    output_topic: str
+    table_name: str
+    key_field: str
+    id_field: str
+    schema: Schema
+    check: Check | None
+    new_state: Callable[[], dict]
+    apply: Callable[[dict, dict], dict]
+    features: Callable[[dict, dict], tuple]
+    feature_names: tuple[str, ...]
+    # (event, state after, score, reasons) -> output fields beyond the common ones
+    output: Callable[[dict, dict, float, list | None], dict]
+    # how many top contributions to report per output (0: do not compute them)
+    reasons: int = 0
+
+
+_ID = Field("event_id", str)
+CART_SCHEMA: Schema = (
+    _ID,
+    Field("user_id", str),
+    timestamp(),
+    Field("type", str, choices=frozenset(session.EVENT_TYPES)),
+    Field("product_id", str, required=False),
+    Field("category", str),
+    Field("price", float, minimum=0.0, maximum=1e7),
+    Field("quantity", int, minimum=1, maximum=10_000),
+)
+
+
+def _cart_check(event: dict) -> None:
+    if event["type"] != "page_view" and "product_id" not in event:
+        raise Poison("validate", f"field 'product_id' is required for {event['type']}")
+
+
+def _cart_output(event: dict, state: dict, score: float, reasons: list | None) -> dict:
+    return {"session_id": state["session_id"]}
+
+
+CART = UseCase(
+    name="cart",
+    source_topic="cart_events",
+    output_topic="personalization_scores",
+    table_name="user_sessions",
+    key_field="user_id",
+    id_field="event_id",
+    schema=CART_SCHEMA,
+    check=_cart_check,
+    new_state=session.new_state,
+    apply=partial(session.apply, session_gap_s=settings.session_gap_s),
+    features=session.features,
+    feature_names=session.FEATURE_NAMES,
+    output=_cart_output,
+)
+
+USE_CASES = {CART.name: CART}

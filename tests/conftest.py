@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from app.broker import EmbeddedBroker
+from tests.harness import MODEL_DIR, Worker
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A fresh in-memory broker per test: no topic or offset leaks between tests."""
+    b = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def workers(broker, tmp_path):
+    """Factory of worker processes; all are stopped by PID at the end, whatever happened."""
+    started: list[Worker] = []
+
+    def make(name: str = "w1", env: dict | None = None, data_dir=None, start: bool = True, **kw) -> Worker:
+        w = Worker(broker.url, data_dir or tmp_path / f"data-{name}", tmp_path / "logs", name, env, **kw)
+        started.append(w)
+        return w.start() if start else w
+
+    try:
+        yield make
+    finally:
+        for w in started:
+            w.kill()
+
+
+def pytest_configure(config):
+    if not (MODEL_DIR / "cart" / "model.txt").exists():
+        raise pytest.UsageError(f"no model in {MODEL_DIR}: run `make model` first (make test does)")

@@ -1,0 +1,171 @@
+"""Real parts for integration tests: embedded broker, `faust -A app worker` processes, Kafka I/O.
+
+Every process is started on free ports and stopped by its PID, also when a test fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from app.broker import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
+
+
+class Worker:
+    """One `faust -A app worker` process with its own web port and data dir."""
+
+    def __init__(self, broker_url: str, data_dir: Path, log_dir: Path, name: str = "w1",
+                 env: dict | None = None, app: str = "app") -> None:
+        self.name = name
+        self.web_port = free_port()
+        self.data_dir = data_dir
+        self.log_path = log_dir / f"{name}.log"
+        self.app = app
+        self.env = {
+            **os.environ,
+            "BROKER_URL": broker_url,
+            "WEB_PORT": str(self.web_port),
+            "DATA_DIR": str(data_dir),
+            "MODEL_DIR": str(MODEL_DIR),
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+        self._log_offset = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 60) -> "Worker":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "faust", "-A", self.app, "worker", "-l", "info"],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait_ready:
+            self.wait_for("[^Worker]: Ready", timeout)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.name}: {needle!r} not seen in {timeout}s:\n{self.log()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.alive():
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def bootstrap(broker) -> str:
+    return broker.bootstrap
+
+
+async def produce(broker, topic: str, records: list[tuple[bytes | None, bytes | None]],
+                  headers=None) -> None:
+    """Produce (key, value) pairs in order and wait for every acknowledgement."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futs = [await producer.send(topic, value, key=key, headers=headers) for key, value in records]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+def produce_events(broker, topic: str, events: list[dict], key_field: str | None) -> None:
+    records = [((e[key_field].encode() if key_field else None), orjson.dumps(e)) for e in events]
+    asyncio.run(produce(broker, topic, records))
+
+
+async def _read(broker, topic: str, until, timeout: float) -> list:
+    """Read a topic from the beginning (all partitions) until `until(records)` or timeout."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    await consumer.start()
+    records: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        parts = None
+        while time.monotonic() < deadline and not parts:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.2)
+        if not parts:
+            return records
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for rs in batch.values():
+                records.extend(rs)
+            if until(records):
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def read_topic(broker, topic: str, until=lambda rs: False, timeout: float = 30) -> list:
+    return asyncio.run(_read(broker, topic, until, timeout))
+
+
+def read_json(broker, topic: str, count: int, timeout: float = 60, key: str | None = None) -> list[dict]:
+    """Read until `count` distinct values of `key` (or `count` records) arrived."""
+    def enough(rs):
+        if key is None:
+            return len(rs) >= count
+        return len({orjson.loads(r.value)[key] for r in rs}) >= count
+    return [orjson.loads(r.value) for r in read_topic(broker, topic, enough, timeout)]
+
+
+async def _committed(broker, group: str, topic: str) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in parts}
+    finally:
+        await consumer.stop()
+
+
+def committed(broker, group: str, topic: str) -> dict[int, int | None]:
+    """Committed offsets of a consumer group (without joining it)."""
+    return asyncio.run(_committed(broker, group, topic))

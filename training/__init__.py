@@ -1,0 +1,1 @@
+"""Offline side: simulators, and training through the same feature code the agents use."""

@@ -30,12 +30,11 @@ def bootstrap(url: str) -> str:
 # -- broker -------------------------------------------------------------------------------------
 
 def cmd_broker(args) -> None:
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # so that sigwait, not the default action, gets them
     with EmbeddedBroker(port=args.port) as broker:
         print(f"BROKER_URL={broker.url}  (pid {broker.pid}); Ctrl-C stops it", flush=True)
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+        signal.sigwait(stop_signals)
 
 
 # -- training -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Every knob a user may turn is listed here once; the README's configuration table
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class Settings:
     fraud_decline_at: float = field(default_factory=lambda: _float("FRAUD_DECLINE_AT", 0.85))
     # Fault injection for failure tests and drills (see app/faults.py); empty = off.
     fault_file: str = field(default_factory=lambda: _env("FAULT_FILE", ""))
+
+    @property
+    def advertised_host(self) -> str:
+        return socket.gethostname() if self.web_host in ("", "0.0.0.0", "::") else self.web_host
 
     def describe(self) -> dict:
         return {f.name: str(getattr(self, f.name)) for f in fields(self) if f.name != "web_token"}

@@ -25,7 +25,8 @@ app = faust.App(
     datadir=str(settings.data_dir),
     web_host=settings.web_host,
     web_port=settings.web_port,
-    canonical_url=f"http://{settings.web_host}:{settings.web_port}",
+    # Peers forward table lookups here (table_route); a wildcard bind is not an address.
+    canonical_url=f"http://{settings.advertised_host}:{settings.web_port}",
     topic_partitions=settings.partitions,
     table_standby_replicas=settings.standby_replicas,
     broker_rebalance_timeout=settings.rebalance_timeout_s,

@@ -1,0 +1,62 @@
+"""Bytes-to-event validation: every kind of bad input is rejected with its stage."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.codec import decode
+from app.errors import Poison
+from app.usecases import CART
+
+GOOD = {"event_id": "e1", "user_id": "u1", "ts": 1_700_000_000_000, "type": "add_to_cart",
+        "product_id": "p1", "category": "books", "price": 12.5, "quantity": 2}
+
+
+def dec(raw: bytes, max_bytes: int = 65536) -> dict:
+    return decode(raw, CART.schema, max_bytes, CART.check)
+
+
+def test_valid_event_decodes_and_ignores_unknown_fields():
+    e = dec(orjson.dumps({**GOOD, "extra": [1, 2]}))
+    assert e == GOOD and "extra" not in e
+
+
+def test_integer_price_is_a_float():
+    assert dec(orjson.dumps({**GOOD, "price": 3}))["price"] == 3.0
+
+
+def test_page_view_needs_no_product():
+    g = {k: v for k, v in GOOD.items() if k != "product_id"}
+    assert dec(orjson.dumps({**g, "type": "page_view"}))["type"] == "page_view"
+
+
+@pytest.mark.parametrize("raw, stage", [
+    (b"\xff\xfe\x00", "decode"),
+    (b"{not json", "decode"),
+    (b"[1, 2]", "decode"),
+    (b"x" * 70000, "decode"),
+    (orjson.dumps({k: v for k, v in GOOD.items() if k != "user_id"}), "validate"),
+    (orjson.dumps({**GOOD, "ts": "yesterday"}), "validate"),
+    (orjson.dumps({**GOOD, "ts": 12}), "validate"),
+    (orjson.dumps({**GOOD, "ts": 9_999_999_999_999}), "validate"),
+    (orjson.dumps({**GOOD, "type": "teleport"}), "validate"),
+    (orjson.dumps({**GOOD, "price": -1}), "validate"),
+    (b'{"event_id":"e","user_id":"u","ts":1700000000000,"type":"add_to_cart","product_id":"p",'
+     b'"category":"c","price":NaN,"quantity":1}', "decode"),
+    (b'{"event_id":"e","user_id":"u","ts":1700000000000,"type":"add_to_cart","product_id":"p",'
+     b'"category":"c","price":1e999,"quantity":1}', "decode"),
+    (orjson.dumps({**GOOD, "price": 2e7}), "validate"),
+    (orjson.dumps({**GOOD, "quantity": 0}), "validate"),
+    (orjson.dumps({**GOOD, "quantity": True}), "validate"),
+    (orjson.dumps({**GOOD, "user_id": ""}), "validate"),
+    (orjson.dumps({k: v for k, v in GOOD.items() if k != "product_id"}), "validate"),
+])
+def test_poison_is_rejected_with_its_stage(raw, stage):
+    with pytest.raises(Poison) as info:
+        dec(raw)
+    assert info.value.stage == stage
+
+
+def test_none_value_is_poison():
+    with pytest.raises(Poison):
+        dec(None)

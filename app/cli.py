@@ -109,42 +109,52 @@ def cmd_generate(args) -> None:
 
 async def replay_dead_letters(broker_url: str, stage: str | None, exception: str | None,
                               offsets: tuple[int, int] | None, max_replays: int) -> tuple[int, int]:
-    """Re-publish chosen dead letters to their source topic, original bytes, replay counter +1."""
+    """Re-publish chosen dead letters to their source topic, original bytes, replay counter +1.
+
+    A record that failed again after a replay has several letters; only the latest of each lineage
+    is considered, and it is skipped once it has been replayed `max_replays` times.
+    """
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from app.processor import DEAD_LETTER_TOPIC, REPLAY_HEADER
+    from app.processor import DEAD_LETTER_TOPIC
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(broker_url), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap(broker_url))
     await consumer.start()
     await producer.start()
-    replayed = skipped = 0
+    latest: dict[str, tuple[int, object]] = {}
     try:
         tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in consumer.partitions_for_topic(DEAD_LETTER_TOPIC) or ()]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         idle = 0
-        futures = []
-        while idle < 3:
-            batch = await consumer.getmany(timeout_ms=500)
+        while idle < 3:  # until quiet: Tansu's end offsets lag, so they cannot tell where the end is
+            batch = await consumer.getmany(timeout_ms=300)
             idle = 0 if batch else idle + 1
             for records in batch.values():
                 for r in records:
                     h = {k: v.decode() for k, v in r.headers}
-                    if stage and h.get("errors.stage") != stage:
-                        continue
-                    if exception and h.get("errors.exception") != exception:
-                        continue
-                    if offsets and not offsets[0] <= int(h.get("errors.offset", -1)) <= offsets[1]:
-                        continue
-                    count = int(h.get(REPLAY_HEADER, "0"))
-                    if count >= max_replays:
-                        skipped += 1
-                        continue
-                    futures.append(await producer.send(h["errors.topic"], r.value, key=r.key,
-                                                       headers=[(REPLAY_HEADER, str(count + 1).encode())]))
-                    replayed += 1
+                    lineage = h.get("replay.of") or f"{h['errors.topic']}:{h['errors.partition']}:{h['errors.offset']}"
+                    count = int(h.get("replay.count", "0"))
+                    if lineage not in latest or count >= latest[lineage][0]:
+                        latest[lineage] = (count, r)
+        replayed = skipped = 0
+        futures = []
+        for lineage, (count, r) in latest.items():
+            h = {k: v.decode() for k, v in r.headers}
+            if stage and h.get("errors.stage") != stage:
+                continue
+            if exception and h.get("errors.exception") != exception:
+                continue
+            if offsets and not offsets[0] <= int(h["errors.offset"]) <= offsets[1]:
+                continue
+            if count >= max_replays:
+                skipped += 1
+                continue
+            headers = [("replay.count", str(count + 1).encode()), ("replay.of", lineage.encode())]
+            futures.append(await producer.send(h["errors.topic"], r.value, key=r.key, headers=headers))
+            replayed += 1
         await asyncio.gather(*futures)
     finally:
         await consumer.stop()

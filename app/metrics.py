@@ -28,6 +28,9 @@ TABLE_KEYS = Gauge("scoring_table_keys", "Keys held on this worker", ["table"], 
 LAG = Gauge("scoring_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
             registry=registry)
 REBALANCES = Counter("scoring_rebalances_total", "Partition rebalances seen by this worker", registry=registry)
+# Outcome of a decision-making pipeline (fraud: approve / review / decline), one per scored event.
+DECISIONS = Counter("scoring_decisions_total", "Scored events by decision", ["pipeline", "decision"],
+                    registry=registry)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class PipelineMetrics:
     score_seconds: object
     scores: object
     batch_size: object
+    decisions: object
 
 
 def for_pipeline(name: str) -> PipelineMetrics:
@@ -54,6 +58,7 @@ def for_pipeline(name: str) -> PipelineMetrics:
         score_seconds=SCORE_SECONDS.labels(name),
         scores=SCORES.labels(name),
         batch_size=BATCH.labels(name),
+        decisions=_Bound(DECISIONS, name),
     )
 
 

@@ -39,7 +39,9 @@ DEAD_LETTER_TOPIC = "dead_letters"
 # Headers that carry a record's first coordinates through the repartition hop, so that dead
 # letters and idempotency refer to the record the producer actually wrote.
 ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
-REPLAY_HEADER = "replay.count"
+# Set by the dead-letter replay: how often this record was replayed, and the coordinates of the
+# record its lineage started from (so the replay command can pick the latest letter of each).
+REPLAY_HEADERS = ("replay.count", "replay.of")
 
 
 class Item:
@@ -90,8 +92,7 @@ def dead_letter(item: Item) -> Record:
         ("errors.attempts", str(item.attempts).encode()),
         ("errors.ts", str(int(time.time() * 1000)).encode()),
     ]
-    if REPLAY_HEADER in item.headers:
-        headers.append((REPLAY_HEADER, item.headers[REPLAY_HEADER]))
+    headers += [(h, item.headers[h]) for h in REPLAY_HEADERS if h in item.headers]
     return Record(DEAD_LETTER_TOPIC, msg.key, msg.value, headers, owner=item)
 
 
@@ -109,6 +110,7 @@ class Processor:
         self.partitions = app.conf.topic_partitions
         self.partition_of = lru_cache(maxsize=1 << 16)(self._partition_of)
         self.m = metrics.for_pipeline(usecase.name)
+        self.on_scored = None  # set by the web view: fed the scored items of each batch
 
     def _partition_of(self, key: bytes) -> int:
         # Kafka's default partitioner (murmur2), as the producer uses for the repartition hop.
@@ -224,6 +226,7 @@ class Processor:
             **uc.output(v, item.state, item.score, item.reasons),
             "features": item.features,
         }
+        item.output = body
         return Record(uc.output_topic, item.key.encode(), orjson.dumps(body), owner=item)
 
     def _forward(self, item: Item) -> Record:
@@ -292,16 +295,20 @@ class Processor:
     def _count(self, items: list[Item], now_ms: int) -> None:
         m = self.m
         m.events_in.inc(len(items))
-        scored = 0
+        scored = []
         for it in items:
             if it.stage is None:
                 if it.score is not None:
-                    scored += 1
+                    scored.append(it)
                     m.latency.observe(max(0.0, (now_ms - it.value["ts"]) / 1000.0))
                     m.scores.observe(it.score)
+                    if "decision" in it.output:
+                        m.decisions.labels(it.output["decision"]).inc()
             elif it.stage == "duplicate":
                 m.duplicates.inc()
             else:
                 m.dead_letters.labels(it.stage).inc()
-        m.scored.inc(scored)
+        m.scored.inc(len(scored))
         m.batch_size.observe(len(items))
+        if self.on_scored is not None and scored:
+            self.on_scored(scored)

@@ -12,7 +12,7 @@ from typing import Callable
 
 from app.codec import Check, Field, Poison, Schema, timestamp
 from app.settings import settings
-from tables import session
+from tables import card, session
 
 
 @dataclass(frozen=True)
@@ -73,4 +73,48 @@ CART = UseCase(
     output=_cart_output,
 )
 
-USE_CASES = {CART.name: CART}
+
+FRAUD_SCHEMA: Schema = (
+    Field("txn_id", str),
+    Field("card_id", str),
+    timestamp(),
+    Field("amount", float, minimum=0.0, exclusive_min=True, maximum=1e7),
+    Field("currency", str, pattern=re.compile(r"[A-Z]{3}")),       # ISO 4217
+    Field("merchant_id", str),
+    Field("mcc", str, pattern=re.compile(r"[0-9]{4}")),           # ISO 18245 merchant category
+    Field("country", str, pattern=re.compile(r"[A-Z]{2}")),       # ISO 3166-1 alpha-2
+    Field("channel", str, choices=frozenset(card.CHANNELS)),
+    Field("device_id", str, required=False),
+)
+
+
+def fraud_decision(score: float) -> str:
+    if score >= settings.fraud_decline_at:
+        return "decline"
+    if score >= settings.fraud_review_at:
+        return "review"
+    return "approve"
+
+
+def _fraud_output(event: dict, state: dict, score: float, reasons: list | None) -> dict:
+    return {"decision": fraud_decision(score), "reasons": reasons or []}
+
+
+FRAUD = UseCase(
+    name="fraud",
+    source_topic="transactions",
+    output_topic="fraud_decisions",
+    table_name="card_state",
+    key_field="card_id",
+    id_field="txn_id",
+    schema=FRAUD_SCHEMA,
+    check=None,
+    new_state=card.new_state,
+    apply=card.apply,
+    features=card.features,
+    feature_names=card.FEATURE_NAMES,
+    output=_fraud_output,
+    reasons=3,
+)
+
+USE_CASES = {CART.name: CART, FRAUD.name: FRAUD}

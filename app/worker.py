@@ -5,7 +5,7 @@ import logging
 
 import faust
 
-from app import kafka_tuning
+from app import faust_patches
 from app.faults import Faults, install_publish_faults
 from app.gate import RetryPolicy
 from app.processor import DEAD_LETTER_TOPIC, Processor
@@ -16,7 +16,7 @@ from tables.store import declare
 
 log = logging.getLogger(__name__)
 
-kafka_tuning.install(settings.fetch_wait_ms)
+faust_patches.install(settings.fetch_wait_ms)
 
 app = faust.App(
     settings.app_id,

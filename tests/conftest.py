@@ -34,5 +34,8 @@ def workers(broker, tmp_path):
 
 
 def pytest_configure(config):
-    if not (MODEL_DIR / "cart" / "model.txt").exists():
-        raise pytest.UsageError(f"no model in {MODEL_DIR}: run `make model` first (make test does)")
+    from app.usecases import USE_CASES
+
+    missing = [name for name in USE_CASES if not (MODEL_DIR / name / "model.txt").exists()]
+    if missing:
+        raise pytest.UsageError(f"no {missing} model in {MODEL_DIR}: run `make model` first (make test does)")

@@ -1,0 +1,60 @@
+"""Two narrow patches to Faust 0.15's aiokafka driver, each for a reason that cannot wait upstream.
+
+1. Fetch wait as a setting. Faust hard-codes `fetch_max_wait_ms=1500` for the worker consumer.
+   Real Kafka answers a fetch as soon as data arrives, so there it only bounds idle polling; Tansu
+   answers only when the wait expires, so there it *is* the latency floor (FETCH_WAIT_MS).
+
+2. True end offsets for table recovery. Tansu reports a partition's end offset as the base offset
+   of its last record batch plus one, so the last batch of a changelog is invisible to recovery:
+   the newest state is silently lost, or Faust refuses to start ("persisted offset is higher than
+   the highwater"). Recovery's end offsets are therefore confirmed by reading past them; on a broker
+   that reports them right this costs one empty fetch per recovery.
+"""
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+_Thread = faust_aiokafka.AIOKafkaConsumerThread
+_create_worker_consumer = _Thread._create_worker_consumer
+_highwaters = _Thread._highwaters
+
+
+async def read_true_ends(bootstrap, reported: dict) -> dict:
+    """Read from each reported end until nothing more comes back; return the real ends."""
+    ends = dict(reported)
+    if not ends:
+        return ends
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50,
+                             isolation_level="read_uncommitted")
+    await probe.start()
+    try:
+        # Faust's TP and aiokafka's TopicPartition are equal tuples: one mapping serves both.
+        probe.assign([TopicPartition(*tp) for tp in ends])
+        for tp, end in ends.items():
+            probe.seek(TopicPartition(*tp), end)
+        while True:
+            batch = await probe.getmany(timeout_ms=200)
+            if not batch:
+                return ends
+            for tp, records in batch.items():
+                if records:
+                    ends[tp] = max(ends[tp], records[-1].offset + 1)
+    finally:
+        await probe.stop()
+
+
+def install(fetch_wait_ms: int) -> None:
+    def create_worker_consumer(self, transport):
+        consumer = _create_worker_consumer(self, transport)
+        consumer._fetch_max_wait_ms = fetch_wait_ms  # read by the fetcher, created on start()
+        return consumer
+
+    async def highwaters(self, partitions):
+        reported = await _highwaters(self, partitions)
+        if self.consumer.in_transaction:
+            return reported
+        return await read_true_ends(self._ensure_consumer()._client._bootstrap_servers, reported)
+
+    _Thread._create_worker_consumer = create_worker_consumer
+    _Thread._highwaters = highwaters

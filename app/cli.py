@@ -193,10 +193,19 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10) -> None:
         proc.wait()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_run(args) -> None:
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM should
+    # clean up as Ctrl-C does.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     logs = Path(settings.data_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    broker = worker = generator = None
+    broker = worker = None
+    generators = []
     env = dict(os.environ)
     try:
         if "BROKER_URL" not in os.environ:
@@ -211,13 +220,12 @@ def cmd_run(args) -> None:
                                       env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         print(f"worker pid {worker.pid}, log {worker_log}; waiting until ready...", flush=True)
         wait_for_log(worker_log, "[^Worker]: Ready", worker, 60)
-        generator = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "generate", "--rate", str(args.rate), "--users", str(args.users),
-             "--broker", env["BROKER_URL"]], env=env, start_new_session=True)
-        for extra in args.also:
-            subprocess.Popen([sys.executable, "-m", "app.cli", "generate", "--pipeline", extra, "--rate",
-                              str(max(1, args.rate // 5)), "--broker", env["BROKER_URL"]],
+        generators = [
+            subprocess.Popen([sys.executable, "-m", "app.cli", "generate", "--pipeline", pipeline, "--rate",
+                              str(rate), "--users", str(args.users), "--broker", env["BROKER_URL"]],
                              env=env, start_new_session=True)
+            for pipeline, rate in (("cart", args.rate), ("fraud", max(1, args.rate // 5)))]
+        print(f"generators pid {' '.join(str(g.pid) for g in generators)}", flush=True)
         url = f"http://{settings.web_host}:{settings.web_port}"
         print(f"\n  dashboard: {url}/dashboard\n  metrics:   {url}/metrics\n  Ctrl-C stops everything\n",
               flush=True)
@@ -227,7 +235,8 @@ def cmd_run(args) -> None:
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
     finally:
-        stop(generator)
+        for generator in generators:
+            stop(generator)
         stop(worker, timeout=20)
         if broker:
             broker.stop()
@@ -269,7 +278,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("run", help="broker (unless BROKER_URL is set) + worker + generator")
     p.add_argument("--rate", type=int, default=50)
     p.add_argument("--users", type=int, default=500)
-    p.add_argument("--also", nargs="*", default=[], help="more generators, e.g. fraud")
     p.set_defaults(func=cmd_run)
 
     args = parser.parse_args(argv)

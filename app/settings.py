@@ -14,24 +14,22 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default, kind=float):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"configuration error: {name}={raw!r} is not an integer") from None
+        raise SystemExit(f"configuration error: {name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _int(name: str, default: int) -> int:
+    return _number(name, default, int)
 
 
 def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SystemExit(f"configuration error: {name}={raw!r} is not a number") from None
+    return _number(name, default, float)
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,7 @@ class Settings:
     # Kafka client tuning; chosen per broker (see README "Latency").
     fetch_wait_ms: int = field(default_factory=lambda: _int("FETCH_WAIT_MS", 10))
     linger_ms: int = field(default_factory=lambda: _int("PRODUCER_LINGER_MS", 2))
+    producer_max_batch_bytes: int = field(default_factory=lambda: _int("PRODUCER_MAX_BATCH_BYTES", 16384))
     commit_interval_s: float = field(default_factory=lambda: _float("COMMIT_INTERVAL_S", 1.0))
     rebalance_timeout_s: float = field(default_factory=lambda: _float("BROKER_REBALANCE_TIMEOUT", 3))
     session_timeout_s: float = field(default_factory=lambda: _float("BROKER_SESSION_TIMEOUT", 6))

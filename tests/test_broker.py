@@ -81,4 +81,5 @@ def test_cli_broker_prints_url_and_stops_on_sigterm():
             time.sleep(0.05)
         assert not port_open(port), "the broker outlived the CLI"
     finally:
-        proc.kill()
+        proc.terminate()  # the CLI stops its broker on SIGTERM
+        proc.wait(10)

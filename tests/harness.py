@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie still answers kill(0)
+        return f.read().split()[2] != "Z"
+
+
 class Worker:
     """One `faust -A app worker` process with its own web port and data dir."""
 

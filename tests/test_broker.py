@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -10,17 +9,7 @@ import time
 from aiokafka import AIOKafkaProducer
 
 from app.broker import EmbeddedBroker, port_open
-from tests.harness import ROOT
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0): look at its state
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
+from tests.harness import ROOT, pid_alive
 
 
 async def _roundtrip(bootstrap: str) -> None:
@@ -38,7 +27,7 @@ def test_start_answers_kafka_and_stop_frees_pid_and_port(tmp_path):
     assert b.url == f"kafka://127.0.0.1:{port}"
     asyncio.run(_roundtrip(b.bootstrap))
     b.stop()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert not port_open(port)
 
 

@@ -12,16 +12,7 @@ import urllib.request
 import orjson
 
 from app.broker import free_port
-from tests.harness import MODEL_DIR, ROOT
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
+from tests.harness import MODEL_DIR, ROOT, pid_alive
 
 
 def test_run_brings_everything_up_and_ctrl_c_stops_it(tmp_path):
@@ -55,9 +46,9 @@ def test_run_brings_everything_up_and_ctrl_c_stops_it(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         assert proc.wait(40) == 0
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in pids if _alive(p)], "a process outlived `run`"
+        assert not [p for p in pids if pid_alive(p)], "a process outlived `run`"
     finally:
         for p in [proc.pid, *pids]:
             try:

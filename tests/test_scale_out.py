@@ -1,0 +1,311 @@
+"""Scale-out against the embedded broker with real worker processes: workers join under load, a
+worker is SIGKILLed under load, and user lookups are routed to the owner whichever worker is asked.
+
+Every test checks the same two invariants at the end: no valid event goes without an output, and the
+state per user (last changelog value, after every source offset is committed) equals a crash-free
+single-process fold of the same events (`Flow.offline_states`). Timings are printed, never asserted
+(`pytest -s` shows them).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from tests.flows import FLOWS
+from tests.harness import committed, produce_events, read_topic
+from tests.test_failure_semantics import _latest_states
+from tests.test_web import get, wait_until
+
+FLOW = FLOWS["cart"]
+TABLE = FLOW.usecase.table_name
+PARTITIONS = 6  # spreads over three workers: two partitions each
+ENV = {"TOPIC_PARTITIONS": str(PARTITIONS)}
+ALL = set(range(PARTITIONS))
+
+
+def partition(key: str) -> int:
+    """Kafka's default partitioner, as the producer (and the processor) place a user."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS
+
+
+# -- steady load from a background thread ---------------------------------------------------------
+
+class Load(threading.Thread):
+    """Produces `events` (keyed by user, in order) in equal chunks spread over `seconds`."""
+
+    def __init__(self, broker, events: list[dict], seconds: float, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.broker, self.events, self.interval = broker, events, interval
+        n = max(1, int(seconds / interval))
+        size = max(1, -(-len(events) // n))
+        self.chunks = [events[i:i + size] for i in range(0, len(events), size)]
+        self.sent_at: dict[str, float] = {}  # event id -> wall time its chunk was sent
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for chunk in self.chunks:
+                t0 = time.time()
+                produce_events(self.broker, FLOW.source, chunk, FLOW.key)
+                for e in chunk:
+                    self.sent_at[e[FLOW.id]] = t0
+                time.sleep(max(0.0, self.interval - (time.time() - t0)))
+        except BaseException as exc:  # re-raised in the test thread by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = 120) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the load producer hung"
+        if self.error:
+            raise self.error
+
+
+# -- what each worker says it owns ----------------------------------------------------------------
+
+def table_view(worker) -> dict | None:
+    """The worker's /tables/<table> (active and standby partitions), or None if not ready/reachable."""
+    try:
+        if get(worker.url, "/ready")[0] != 200:
+            return None
+        status, _, body = get(worker.url, f"/tables/{TABLE}")
+    except OSError:
+        return None
+    return orjson.loads(body) if status == 200 else None
+
+
+def ownership(ws) -> dict[str, tuple[set[int], set[int]]] | None:
+    """name -> (active partitions, standby partitions) once all of `ws` are ready and the actives
+    split every partition between them (disjoint, none missing, nobody idle); else None."""
+    out = {}
+    for w in ws:
+        view = table_view(w)
+        if view is None:
+            return None
+        out[w.name] = (set(view["active_partitions"]), set(view["standby_partitions"]))
+    actives = [a for a, _ in out.values()]
+    if any(not a for a in actives) or set().union(*actives) != ALL or sum(map(len, actives)) != PARTITIONS:
+        return None
+    return out
+
+
+def settled(ws, timeout: float = 90, what: str = "partitions split over every worker"):
+    """Ownership that holds on two polls in a row (one poll can catch a rebalance half way)."""
+    def stable():
+        first = ownership(ws)
+        if first is None:
+            return None
+        time.sleep(0.5)
+        return first if ownership(ws) == first else None
+    return wait_until(stable, timeout=timeout, what=what)
+
+
+# -- the end-of-test invariants -------------------------------------------------------------------
+
+def outputs(broker, events: list[dict], timeout: float = 120) -> list[dict]:
+    """Every output, once each event id has at least one (or the timeout passed)."""
+    want = {e[FLOW.id] for e in events}
+    seen: set[str] = set()
+
+    def done(rs):
+        for r in rs[done.n:]:
+            seen.add(orjson.loads(r.value)[FLOW.id])
+        done.n = len(rs)
+        return want <= seen
+    done.n = 0
+    return [orjson.loads(r.value) for r in read_topic(broker, FLOW.output, done, timeout)]
+
+
+def wait_all_committed(broker, events: list[dict], timeout: float = 60) -> None:
+    """The group committed every source record: every event was acked, so its state write reached
+    the changelog (the processor acks only after the changelog delivery is confirmed)."""
+    per_partition = Counter(partition(e[FLOW.key]) for e in events)
+
+    def caught_up():
+        got = committed(broker, "scoring", FLOW.source)
+        return all((got.get(p) or 0) >= n for p, n in per_partition.items()) and got
+    wait_until(caught_up, timeout=timeout, what="committed offsets at the end of every partition")
+
+
+def stop_all(ws, timeout: float = 30) -> None:
+    """SIGTERM to every live worker at once (a clean stop each), then wait; kill on timeout."""
+    live = [w for w in ws if w.alive()]
+    for w in live:
+        os.killpg(w.proc.pid, signal.SIGTERM)
+    for w in live:
+        try:
+            w.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            w.kill()
+
+
+def check_no_loss_and_state(broker, ws, events: list[dict], label: str) -> list[dict]:
+    out = outputs(broker, events)
+    ids = Counter(o[FLOW.id] for o in out)
+    missing = {e[FLOW.id] for e in events} - set(ids)
+    assert not missing, f"{len(missing)} events never scored, e.g. {sorted(missing)[:5]}"
+    assert set(ids) == {e[FLOW.id] for e in events}, "outputs for events that were never produced"
+    dead = [w.name for w in ws if not w.alive()]
+    assert not dead, f"workers died: {dead}"
+    wait_all_committed(broker, events)
+    stop_all(ws)
+    expected = FLOW.offline_states(events)
+    got = _latest_states(broker, FLOW, set(expected))
+    differ = sorted(k for k in expected if got.get(k) != expected[k])
+    assert not differ, f"{len(differ)} users' state differs from the single-worker reference, e.g. {differ[:5]}"
+    print(f"\n[{label}] {len(events)} events of {len(expected)} users: every one scored, "
+          f"{sum(ids.values()) - len(ids)} duplicate outputs (replays after rebalance), state equal")
+    return out
+
+
+def start_all(workers, names, env) -> list:
+    ws = [workers(n, env=env, start=False) for n in names]
+    for w in ws:
+        w.start(wait_ready=False)
+    for w in ws:
+        w.wait_for("[^Worker]: Ready", timeout=90)
+    return ws
+
+
+# -- scale up -------------------------------------------------------------------------------------
+
+def test_workers_joining_under_load_share_partitions_lose_nothing_and_agree_with_one_worker(broker, workers):
+    events = FLOW.valid(120, 61)
+    w1 = workers("w1", env=ENV)
+    t0 = time.monotonic()
+    load = Load(broker, events, seconds=20)
+    load.start()
+    try:
+        time.sleep(4)
+        w2 = workers("w2", env=ENV)  # waits for its Ready
+        print(f"\n[scale-up] w2 ready {time.monotonic() - t0:.1f}s into the load")
+        time.sleep(3)
+        w3 = workers("w3", env=ENV)
+        print(f"[scale-up] w3 ready {time.monotonic() - t0:.1f}s into the load")
+        owners = settled([w1, w2, w3])
+        print(f"[scale-up] partitions split {time.monotonic() - t0:.1f}s into the load: "
+              + ", ".join(f"{n}={sorted(a)}" for n, (a, _) in owners.items()))
+    finally:
+        load.finish()
+    # Everyone still owns a share after the load (no worker was starved out by a late rebalance).
+    owners = settled([w1, w2, w3], what="three-way split after the load")
+    assert all(a for a, _ in owners.values())
+    check_no_loss_and_state(broker, [w1, w2, w3], events, "scale-up")
+
+
+# -- failover -------------------------------------------------------------------------------------
+
+def test_sigkilled_worker_partitions_resume_on_the_others_with_standbys(broker, workers):
+    env = {**ENV, "STANDBY_REPLICAS": "1"}
+    w1, w2, w3 = start_all(workers, ["w1", "w2", "w3"], env)
+    owners = settled([w1, w2, w3])
+    standbys = set().union(*(s for _, s in owners.values()))
+    assert standbys == ALL, f"STANDBY_REPLICAS=1: every partition needs a standby, got {owners}"
+    for name, (active, standby) in owners.items():
+        assert not active & standby, f"{name} is standby for its own active partitions"
+
+    events = FLOW.valid(120, 62)
+    load = Load(broker, events, seconds=20)
+    load.start()
+    try:
+        time.sleep(6)
+        victim = w2
+        survivors = [w1, w3]
+        owners = ownership([w1, w2, w3]) or owners
+        lost = owners[victim.name][0]
+        warm = {s.name: owners[s.name][1] & lost for s in survivors}
+        t_kill = time.time()
+        victim.kill()
+        after = settled(survivors, timeout=60, what="survivors own every partition")
+        t_owned = time.time()
+    finally:
+        load.finish()
+
+    taken = {s.name: after[s.name][0] & lost for s in survivors}
+    assert set().union(*taken.values()) == lost
+    from_standby = {s.name: sorted(taken[s.name] & warm[s.name]) for s in survivors}
+
+    out = check_no_loss_and_state(broker, [w1, w3], events, "failover")
+
+    # When did the killed worker's partitions produce outputs again?
+    kill_ms = t_kill * 1000
+    resumed = sorted(o["scored_at"] for o in out if partition(o[FLOW.key]) in lost and o["scored_at"] > kill_ms)
+    assert resumed, "no output on the killed worker's partitions after the kill"
+    first_output = resumed[0] / 1000 - t_kill
+    sent_after = [(o["scored_at"] / 1000 - load.sent_at[o[FLOW.id]]) for o in out
+                  if partition(o[FLOW.key]) in lost and o["scored_at"] > kill_ms]
+    print(f"[failover] killed {victim.name} owning partitions {sorted(lost)}; "
+          f"taken over by {', '.join(f'{n}={sorted(p)}' for n, p in taken.items())} "
+          f"(from a warm standby: {from_standby})")
+    print(f"[failover] kill -> survivors own its partitions: {t_owned - t_kill:.1f}s; "
+          f"kill -> first output on them: {first_output:.1f}s; "
+          f"worst produce->score delay on them after the kill: {max(sent_after):.1f}s")
+
+
+# -- lookups through every worker -----------------------------------------------------------------
+
+def test_a_user_lookup_through_every_worker_gives_the_owners_state_under_load(broker, workers):
+    ws = start_all(workers, ["w1", "w2", "w3"], ENV)
+    owners = settled(ws)
+    owner_of = {p: n for n, (active, _) in owners.items() for p in active}
+    url_of = {w.name: w.url for w in ws}
+
+    events = FLOW.valid(90, 63)
+    users = sorted({e[FLOW.key] for e in events})
+    quiet = set(users[::3])  # all their events first; no more arrive during the lookups
+    quiet_events = [e for e in events if e[FLOW.key] in quiet]
+    busy_events = [e for e in events if e[FLOW.key] not in quiet]
+    produce_events(broker, FLOW.source, quiet_events, FLOW.key)
+    outputs(broker, quiet_events, timeout=60)
+    wait_all_committed(broker, quiet_events)  # their state is written
+    expected_quiet = FLOW.offline_states(quiet_events)
+
+    def lookup(w, user):
+        status, _, body = get(w.url, f"/users/{user}/session")
+        assert status in (200, 404), (w.name, user, status, body[:300])
+        return orjson.loads(body) if status == 200 else None
+
+    def progress(answer) -> int:
+        return -1 if answer is None else sum(answer["applied_offsets"].values())
+
+    load = Load(broker, busy_events, seconds=15)
+    load.start()
+    rounds = 0
+    answered_by = set()
+    try:
+        while load.is_alive():
+            rounds += 1
+            for u in sorted(quiet):
+                answers = [lookup(w, u) for w in ws]
+                assert all(answers), (u, "a user with state was not found through some worker")
+                want = url_of[owner_of[partition(u)]]
+                assert {a["worker"] for a in answers} == {want}, (u, [a["worker"] for a in answers], want)
+                assert all(a["state"] == expected_quiet[u] for a in answers), u
+                assert len({orjson.dumps(a["applied_offsets"]) for a in answers}) == 1, u
+                answered_by.add(want)
+            for u in sorted(set(users) - quiet)[:10]:
+                # Changing under load, but always answered by the owner, never going backwards.
+                answers = [lookup(w, u) for w in ws]
+                assert {a["worker"] for a in answers if a} <= {url_of[owner_of[partition(u)]]}, u
+                steps = [progress(a) for a in answers]
+                assert steps == sorted(steps), (u, "state went backwards between lookups", steps)
+    finally:
+        load.finish()
+    assert answered_by == set(url_of.values()), "every worker answered, as owner, lookups sent to the others"
+    assert ownership(ws) == owners, "no rebalance during the lookups"
+
+    expected = FLOW.offline_states(events)
+    outputs(broker, events)
+    wait_all_committed(broker, events)
+    for u in users:
+        answers = [lookup(w, u) for w in ws]
+        assert all(a and a["state"] == expected[u] for a in answers), u
+    print(f"\n[lookup] {rounds} rounds of {len(quiet)} quiet + 10 busy users through 3 workers "
+          f"during {len(busy_events)} events of load: every answer from the owner")
+    check_no_loss_and_state(broker, ws, events, "lookup")

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 MODEL_DIR ?= models
 export MODEL_DIR
 
-.PHONY: run test model bench install browser clean
+.PHONY: run test model bench broker install browser clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ browser:
 
 test: model browser
 	$(PY) -m pytest -q
+
+# Just the embedded broker (prints BROKER_URL); Ctrl-C stops it.
+broker: $(STAMP)
+	$(PY) -m app.cli broker
 
 bench: model
 	$(PY) -m bench.run

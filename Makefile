@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 MODEL_DIR ?= models
 export MODEL_DIR
 
-.PHONY: run test model bench broker install browser clean
+.PHONY: run test model bench bench-backpressure bench-recovery broker install browser clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,12 @@ broker: $(STAMP)
 
 bench: model
 	$(PY) -m bench.run
+
+bench-backpressure: model
+	$(PY) -m bench.run --backpressure
+
+bench-recovery: model
+	$(PY) -m bench.run --recovery
 
 clean:
 	rm -rf $(VENV) data models test-artifacts

@@ -66,3 +66,14 @@ def install_publish_faults(app, faults: Faults) -> None:
         return await send(topic, key, value, partition, timestamp, headers, **kw)
 
     producer.send = faulty_send
+
+    # The commit gate hands whole record batches to the producer (app.gate.submit_batch).
+    from app import gate
+
+    submit = gate.submit_batch
+
+    async def faulty_submit(producer, topic, partition, batch):
+        faults.check_publish(topic)  # raises like a producer that refuses the batch
+        return await submit(producer, topic, partition, batch)
+
+    gate.submit_batch = faulty_submit

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.partitioner import murmur2
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
@@ -38,28 +40,96 @@ class Record:
     value: bytes | None
     headers: Headers | None = None
     owner: Any = None  # what the record belongs to (the source item), for the caller
+    partition: int | None = None  # None: by key, as the producer's default partitioner
     attempts: int = 0
     error: BaseException | None = field(default=None, repr=False)
 
 
-async def _send_round(producer, records: list[Record]) -> list[Record]:
-    futs = []
+async def send_batches(producer, records: list[Record]) -> list[tuple[asyncio.Future, list[Record]]]:
+    """Queue `records` as aiokafka record batches, one per topic-partition (more if one fills up).
+
+    Per record this is an append to a C record builder instead of a full `send()` (metadata wait,
+    partitioner, accumulator, a future each). A record without `partition` goes where `send()`
+    would put it (Kafka's default partitioner: murmur2 of the key). Records of one partition keep
+    their order. Returns (delivery future, its records): a batch is delivered or fails as a whole.
+    """
+    kafka = producer._ensure_producer()  # the AIOKafkaProducer under Faust's producer
+    by_tp: dict[tuple[str, int], list[Record]] = {}
+    partitions: dict[str, list[int]] = {}
     for r in records:
         r.attempts += 1
-        try:
-            futs.append(await producer.send(r.topic, r.key, r.value, None, None, r.headers))
-        except Exception as exc:  # refused before it was queued
-            futs.append(_failed(exc))
-    results = await asyncio.gather(*futs, return_exceptions=True)
+        partition = r.partition
+        if partition is None:
+            if r.topic not in partitions:
+                partitions[r.topic] = sorted(await kafka.partitions_for(r.topic))
+            partition = _default_partition(r.key, partitions[r.topic])
+        by_tp.setdefault((r.topic, partition), []).append(r)
+    sent = []
+    for (topic, partition), rs in by_tp.items():
+        batch, members = kafka.create_batch(), []
+        for r in rs:
+            if members and batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers) is None:
+                sent.append((await _submit(producer, topic, partition, batch), members))
+                batch, members = kafka.create_batch(), []
+            if not members:
+                batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
+            members.append(r)
+        sent.append((await _submit(producer, topic, partition, batch), members))
+    return sent
+
+
+def _default_partition(key: bytes | None, partitions: list[int]) -> int:
+    # aiokafka's DefaultPartitioner (Kafka's): murmur2 of the key; no key, any partition
+    if key is None:
+        return random.choice(partitions)
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+
+
+async def submit_batch(producer, topic: str, partition: int, batch) -> asyncio.Future:
+    """Hand one record batch to the producer (the seam where app.faults injects publish failures)."""
+    return await producer._ensure_producer().send_batch(batch, topic, partition=partition)
+
+
+async def _submit(producer, topic: str, partition: int, batch) -> asyncio.Future:
+    # Closed: the micro-batch is complete, so the batch goes out at once instead of lingering
+    # (PRODUCER_LINGER_MS) for records that will not come.
+    batch.close()
+    try:
+        return await submit_batch(producer, topic, partition, batch)
+    except Exception as exc:  # refused before it was queued
+        return failed_future(exc)
+
+
+async def _send_round(producer, records: list[Record]) -> list[Record]:
+    sent = await send_batches(producer, records)
+    await settle([fut for fut, _ in sent])
     failed = []
-    for r, res in zip(records, results):
-        if isinstance(res, BaseException):
-            r.error = res
-            failed.append(r)
+    for fut, members in sent:
+        exc = exception_of(fut)
+        if exc is not None:
+            for r in members:
+                r.error = exc
+                failed.append(r)
     return failed
 
 
-def _failed(exc: BaseException) -> asyncio.Future:
+async def settle(futs: list) -> None:
+    """Wait until every future is done, without raising and without a callback per future.
+
+    aiokafka completes the records of one partition in send order, so waiting for the last
+    unfinished one from the end usually finds the earlier ones done: a few suspensions per batch
+    instead of `gather`'s bookkeeping per record. Every future is still checked one by one.
+    """
+    for fut in reversed(futs):
+        if not fut.done():
+            await asyncio.wait((fut,))
+
+
+def exception_of(fut: asyncio.Future) -> BaseException | None:
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()
+
+
+def failed_future(exc: BaseException) -> asyncio.Future:
     fut = asyncio.get_running_loop().create_future()
     fut.set_exception(exc)
     return fut

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from functools import lru_cache
 
 import numpy as np
@@ -53,7 +53,7 @@ class Item:
     def __init__(self, event) -> None:
         msg = event.message
         self.event = event
-        self.headers = dict(msg.headers or ())
+        self.headers = dict(msg.headers) if msg.headers else {}
         if ORIGIN[0] in self.headers:
             self.origin = (self.headers[ORIGIN[0]].decode(), int(self.headers[ORIGIN[1]]),
                            int(self.headers[ORIGIN[2]]))
@@ -135,14 +135,21 @@ class Processor:
         key = item.key.encode()
         return msg.key != key or msg.partition != self.partition_of(key)
 
-    def _fold(self, items: list[Item]) -> dict[str, tuple[dict | None, list[Item]]]:
+    def _fold(self, items: list[Item], generation) -> dict[str, tuple[dict | None, list[Item]]]:
         """Apply events to state per key, in arrival order. Returns key -> (record before, items)."""
         by_key: dict[str, list[Item]] = defaultdict(list)
         for it in items:
             by_key[it.key].append(it)
+        # Read per partition (all events of a key are on the key's partition).
+        keys_of: dict[int, list[str]] = defaultdict(list)
+        for key, its in by_key.items():
+            keys_of[its[-1].event.message.partition].append(key)
+        records = {}
+        for partition, keys in keys_of.items():
+            records.update(zip(keys, self.table.read_many(partition, keys, generation)))
         before = {}
         for key, its in by_key.items():
-            record = self.table.read(key)
+            record = records[key]
             before[key] = (record, its)
             state = record["state"] if record else self.uc.new_state()
             applied = dict(record["applied"]) if record else {}
@@ -239,13 +246,16 @@ class Processor:
     # -- the batch ------------------------------------------------------------------------------
 
     async def handle(self, events: list) -> None:
+        # the consumer generation the batch was taken in: state cached by the table is only
+        # trusted within one generation (app/batching.py admits a batch after any rebalance)
+        generation = self.app.consumer_generation_id
         items = [Item(e) for e in events]
         local, forward = [], []
         for it in items:
             self._decode(it)
             if it.ok:
                 (forward if self._needs_forward(it) else local).append(it)
-        before = self._fold(local)
+        before = self._fold(local, generation)
         await self._score([it for it in local if it.ok and it.features is not None])
 
         now_ms = int(time.time() * 1000)
@@ -259,8 +269,8 @@ class Processor:
         await publish_until_acknowledged(self.app.producer, letters, self.policy,
                                          on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
 
-        self._commit_state(before)
-        await self.table.confirm(self.policy, lambda keys: self._rewrite(keys, before))
+        await self._write_state(before, before, generation)
+        await self.table.confirm(self.policy, lambda keys: self._write_state(before, keys, generation))
         for e in events:
             e.ack()
         self._count(items, now_ms)
@@ -281,33 +291,32 @@ class Processor:
             applied[f"{it.origin[0]}:{it.origin[1]}"] = it.origin[2]
         return {"state": state, "applied": applied}
 
-    def _commit_state(self, before: dict) -> None:
-        for key, (record, its) in before.items():
-            new = self._new_record(record, its)
-            if new is not None:
-                self.table.write(its[-1].event, key, new)
-
-    def _rewrite(self, keys: list[str], before: dict) -> None:
+    async def _write_state(self, before: dict, keys, generation) -> None:
+        """Write the new record of each of `keys` (all keys of the batch, or those to rewrite)."""
+        rows = []
         for key in keys:
             record, its = before[key]
-            self.table.write(its[-1].event, key, self._new_record(record, its))
+            new = self._new_record(record, its)
+            if new is not None:
+                rows.append((its[-1].event.message.partition, key, new))
+        await self.table.put_many(rows, generation)
 
     def _count(self, items: list[Item], now_ms: int) -> None:
         m = self.m
         m.events_in.inc(len(items))
-        scored = []
-        for it in items:
-            if it.stage is None:
-                if it.score is not None:
-                    scored.append(it)
-                    m.latency.observe(max(0.0, (now_ms - it.value["ts"]) / 1000.0))
-                    m.scores.observe(it.score)
-                    if "decision" in it.output:
-                        m.decisions.labels(it.output["decision"]).inc()
-            elif it.stage == "duplicate":
-                m.duplicates.inc()
+        scored = [it for it in items if it.stage is None and it.score is not None]
+        others = Counter(it.stage for it in items if it.stage is not None)
+        # histograms and counters once per batch, not per event
+        metrics.observe_many(m.latency, [max(0.0, (now_ms - it.value["ts"]) / 1000.0) for it in scored])
+        metrics.observe_many(m.scores, [it.score for it in scored])
+        if scored and "decision" in scored[0].output:
+            for decision, n in Counter(it.output["decision"] for it in scored).items():
+                m.decisions.labels(decision).inc(n)
+        for stage, n in others.items():
+            if stage == "duplicate":
+                m.duplicates.inc(n)
             else:
-                m.dead_letters.labels(it.stage).inc()
+                m.dead_letters.labels(stage).inc(n)
         m.scored.inc(len(scored))
         m.batch_size.observe(len(items))
         if self.on_scored is not None and scored:

@@ -13,7 +13,7 @@ Endpoints (JSON unless noted):
   GET /model                      per pipeline: model version, features, training metrics, loaded_at
   GET /stats                      cumulative counters and histograms for the dashboard (it computes rates from deltas)
 
-With WEB_TOKEN set, every endpoint but /health, /ready, /metrics and the dashboard page itself needs
+With WEB_TOKEN set, every endpoint but /health, /metrics and the dashboard page itself needs
 `Authorization: Bearer <token>`; the check is an aiohttp middleware, so it covers Faust's own
 routes (/router, /table) too. Every error is a JSON body, never a stack trace.
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_KEY_CHARS = 256  # the codec's limit for a string field such as user_id
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/dashboard", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/dashboard", "/favicon.ico"})
 KEY_COUNT_BUDGET = 200_000  # keys counted exactly per refresh; beyond that the count is a lower bound
 REFRESH_MIN_S = 1.0
 

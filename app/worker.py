@@ -34,6 +34,7 @@ app = faust.App(
     broker_heartbeat_interval=settings.heartbeat_s,
     broker_commit_interval=settings.commit_interval_s,
     producer_linger=settings.linger_ms / 1000.0,
+    producer_max_batch_size=settings.producer_max_batch_bytes,
     consumer_auto_offset_reset="earliest",
 )
 
@@ -44,6 +45,10 @@ policy = RetryPolicy(settings.retry_attempts, settings.retry_base_ms, settings.r
 def raw_topic(*names: str, **kw) -> faust.TopicT:
     # Raw bytes in and out: decoding happens inside the agent, where a bad record can become a
     # dead letter (Faust's own deserializer would log it and commit it).
+    # internal=True: Faust creates (if missing) the topics an agent reads, with TOPIC_PARTITIONS,
+    # before it subscribes; otherwise the broker auto-creates them with its own default count and the
+    # first table write fails with PartitionsMismatch against the changelog (TOPIC_PARTITIONS).
+    kw.setdefault("internal", True)
     return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
                      value_serializer="raw", partitions=settings.partitions, **kw)
 

@@ -4,31 +4,76 @@ Values are orjson bytes (raw serializer): compact, fast, and readable by any too
 changelog. `GatedTable` keeps the changelog delivery futures of its writes so the commit gate can
 await them before acking the source events: a state update that never reached the changelog would
 otherwise be lost on the next recovery while its source offset is already committed.
+
+The processor reads and writes a whole micro-batch at once (`read_many`, `put_many`): one RocksDB
+write batch per partition, the changelog records sent as record batches through the commit gate's
+sender, and the persisted changelog offset stored once per partition when the batch is confirmed.
+That is what Faust's `table[key] = value` does per key (local write, changelog send, persisted
+offset on delivery), in the same formats and order, without Faust's per-key machinery (about a
+fifth of a worker's CPU per event). Reads come from the records written in the same consumer
+generation, else from one RocksDB multi-get. `write` keeps the per-key path for the small
+dead-letter statistics.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
 
 import faust
 import orjson
+import rocksdict
 from faust.streams import _current_event
+from faust.types import TP
 
-from app.gate import RetryPolicy
+from app.gate import Record, RetryPolicy, exception_of, send_batches, settle
+
+
+# Decoded records kept per table (about 1-2 KB each): the working set of active keys.
+RECENT_MAX = 200_000
 
 
 class GatedTable(faust.Table):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.unconfirmed: list = []
+        # changelog records not yet confirmed: (delivery future, the records it covers)
+        self.unconfirmed: list[tuple[asyncio.Future, list[Record]]] = []
+        # key -> (consumer generation, record) of what put_many wrote: see read_many
+        self.recent: dict[str, tuple[object, dict]] = {}
+        self.recent_max = RECENT_MAX
 
     def on_key_set(self, key, value) -> None:
-        self.unconfirmed.append(self.send_changelog(self.partition_for_key(key), key, value))
+        fut = self.send_changelog(self.partition_for_key(key), key, value)
+        topic = self.changelog_topic.get_topic_name()
+        self.unconfirmed.append((fut, [Record(topic, key, None, partition=fut.message.partition)]))
         self._sensor_on_set(self, key, value)
 
     def read(self, key: str) -> dict | None:
         raw = self.get(key)
         return None if raw is None else orjson.loads(raw)
+
+    def read_many(self, partition: int, keys: list[str], generation) -> list[dict | None]:
+        """Records of `keys`, all of `partition`, for a batch of consumer generation `generation`.
+
+        Records this worker wrote in the same generation come from `self.recent` (no RocksDB read,
+        no JSON decode); the others from one RocksDB multi-get. Within a generation only this
+        worker writes its active partitions (recovery and standby updates happen across a
+        rebalance), so a record of the current generation equals what RocksDB holds.
+        """
+        recent = self.recent
+        out: list = [None] * len(keys)
+        missing = []
+        for i, key in enumerate(keys):
+            hit = recent.get(key)
+            if hit is not None and hit[0] == generation:
+                out[i] = hit[1]
+            else:
+                missing.append(i)
+        if missing:
+            raws = self.data._db_for_partition(partition).get([keys[i].encode() for i in missing])
+            for i, raw in zip(missing, raws):
+                out[i] = None if raw is None else orjson.loads(raw)
+        return out
 
     def write(self, event, key: str, value: dict) -> None:
         """Write under `event`, whose partition is the key's partition (Faust reads it from context)."""
@@ -38,17 +83,58 @@ class GatedTable(faust.Table):
         finally:
             _current_event.reset(token)
 
+    async def put_many(self, rows: list[tuple[int, str, dict]], generation) -> None:
+        """Write (partition, key, record) rows: local store first, then their changelog records.
+
+        The records must not be mutated afterwards: they are kept as the keys' recent values for
+        reads in the same consumer generation.
+        """
+        store = self.data
+        topic = self.changelog_topic.get_topic_name()
+        recent = self.recent
+        if len(recent) + len(rows) > self.recent_max:
+            recent.clear()  # bounded memory; the next reads come from RocksDB
+        batches: dict = {}
+        records = []
+        for partition, key, value in rows:
+            k, v = key.encode(), orjson.dumps(value)
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(k, v)
+            recent[key] = (generation, value)
+            records.append(Record(topic, k, v, partition=partition))
+        for partition, batch in batches.items():
+            store._db_for_partition(partition).write(batch)
+        self.unconfirmed += await send_batches(self.app.producer, records)
+
     async def confirm(self, policy: RetryPolicy, rewrite) -> None:
-        """Await the changelog futures; on failure rewrite the keys (the value is the whole state)."""
+        """Await the changelog deliveries; on failure rewrite the keys (the value is the whole state).
+
+        `rewrite(keys)` may be a coroutine function. The persisted changelog offset of each
+        partition (where recovery resumes) is stored once its records are delivered, as Faust
+        does per delivery.
+        """
         attempt = 0
         while self.unconfirmed:
-            futs, self.unconfirmed = self.unconfirmed, []
-            results = await asyncio.gather(*futs, return_exceptions=True)
-            failed = [_text(f.message.key) for f, r in zip(futs, results) if isinstance(r, BaseException)]
+            pending, self.unconfirmed = self.unconfirmed, []
+            await settle([fut for fut, _ in pending])
+            failed, delivered = [], {}
+            for fut, records in pending:
+                if exception_of(fut) is not None:
+                    failed += [_text(r.key) for r in records]
+                    continue
+                last = fut.result().offset + len(records) - 1  # a batch reports its first offset
+                tp = TP(records[0].topic, records[0].partition)
+                delivered[tp] = max(last, delivered.get(tp, -1))
+            for tp, offset in delivered.items():
+                self.data.set_persisted_offset(tp, offset)
             if failed:
                 attempt += 1
                 await asyncio.sleep(policy.backoff_s(min(attempt, 8)))
-                rewrite(failed)
+                result = rewrite(failed)
+                if inspect.isawaitable(result):
+                    await result
 
 
 def _text(key) -> str:

@@ -145,10 +145,33 @@ def stop_all(ws, timeout: float = 30) -> None:
             w.kill()
 
 
+def diagnose(broker, ws, events: list[dict], missing: set[str]) -> None:
+    """On a loss: where the missing events sit, what the group committed, who owns what, and the
+    workers' warnings (printed; the assertion follows)."""
+    source = read_topic(broker, FLOW.source, lambda rs: len(rs) >= len(events), timeout=30)
+    where: dict[int, list[int]] = {}
+    ends: Counter = Counter()
+    for r in source:
+        ends[r.partition] = max(ends[r.partition], r.offset + 1)
+        if orjson.loads(r.value)[FLOW.id] in missing:
+            where.setdefault(r.partition, []).append(r.offset)
+    print("\nLOSS: missing offsets per partition:",
+          {p: f"{min(o)}..{max(o)} ({len(o)})" for p, o in sorted(where.items())})
+    print("LOSS: partition ends", dict(sorted(ends.items())),
+          "committed", dict(sorted(committed(broker, "scoring", FLOW.source).items())))
+    print("LOSS: ownership", {w.name: (table_view(w) or {}).get("active_partitions") for w in ws})
+    for w in ws:
+        for line in w.log().splitlines():
+            if "WARNING" in line or "ERROR" in line or "CRITICAL" in line or "Setting newly" in line:
+                print(f"LOSS: {w.name}: {line[:200]}")
+
+
 def check_no_loss_and_state(broker, ws, events: list[dict], label: str) -> list[dict]:
     out = outputs(broker, events)
     ids = Counter(o[FLOW.id] for o in out)
     missing = {e[FLOW.id] for e in events} - set(ids)
+    if missing:
+        diagnose(broker, ws, events, missing)
     assert not missing, f"{len(missing)} events never scored, e.g. {sorted(missing)[:5]}"
     assert set(ids) == {e[FLOW.id] for e in events}, "outputs for events that were never produced"
     dead = [w.name for w in ws if not w.alive()]
@@ -182,14 +205,15 @@ def test_workers_joining_under_load_share_partitions_lose_nothing_and_agree_with
     load = Load(broker, events, seconds=20)
     load.start()
     try:
-        time.sleep(4)
-        w2 = workers("w2", env=ENV)  # waits for its Ready
-        print(f"\n[scale-up] w2 ready {time.monotonic() - t0:.1f}s into the load")
         time.sleep(3)
-        w3 = workers("w3", env=ENV)
-        print(f"[scale-up] w3 ready {time.monotonic() - t0:.1f}s into the load")
+        w2 = workers("w2", env=ENV, start=False).start(wait_ready=False)
+        time.sleep(4)  # w2 is still starting up (imports, model, group join): overlapping joins
+        w3 = workers("w3", env=ENV, start=False).start(wait_ready=False)
+        for w in (w2, w3):
+            w.wait_for("[^Worker]: Ready", timeout=90)
+            print(f"\n[scale-up] {w.name} ready {time.monotonic() - t0:.1f}s into the load", end="")
         owners = settled([w1, w2, w3])
-        print(f"[scale-up] partitions split {time.monotonic() - t0:.1f}s into the load: "
+        print(f"\n[scale-up] partitions split {time.monotonic() - t0:.1f}s into the load: "
               + ", ".join(f"{n}={sorted(a)}" for n, (a, _) in owners.items()))
     finally:
         load.finish()

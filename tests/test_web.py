@@ -89,7 +89,8 @@ def test_every_endpoint_with_token(broker, workers):
 
     # the open endpoints
     assert get_json(base, "/health") == {"status": "ok"}
-    ready = wait_until(lambda: get(base, "/ready")[0] == 200, what="/ready 200")
+    assert get(base, "/ready")[0] == 401, "readiness is behind the token like every endpoint but two"
+    ready = wait_until(lambda: get(base, "/ready", TOKEN)[0] == 200, what="/ready 200")
     assert ready
     code, headers, body = get(base, "/metrics")
     assert code == 200 and headers["content-type"].startswith("text/plain")

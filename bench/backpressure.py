@@ -1,0 +1,132 @@
+"""Backpressure: offered load at ~3x the worker's capacity for a minute, then back to a low rate.
+
+  python -m bench.run --backpressure [--capacity N] [--overload-seconds 60]   (make bench-backpressure)
+
+Checks what the issue asks: worker memory stays bounded while input piles up (Faust pauses the
+fetch when a stream buffer fills), nothing is dropped (every event sent is scored, by id), and the
+latency at a low rate after the backlog has drained is back to what it was before the overload.
+Capacity defaults to the last `make bench` result (bench/results/latest.json). The load generator
+shares the two cores with the broker and the worker, so the rate it reaches is reported as is.
+"""
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from app.broker import EmbeddedBroker
+from app.settings import settings
+from bench.common import Reader, create_topics, latency_stats, proc_status, say
+from bench.run import RESULTS, Worker, run_proc_to_result, spawn, stop, wait_line
+
+LOW_RATE = 500
+
+
+async def low_rate(bootstrap: str, reader: Reader, workdir: Path, prefix: str, seconds: float) -> dict:
+    reader.reset()
+    gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", "cart_events",
+                                    "--rate", str(LOW_RATE), "--duration", str(seconds), "--prefix", prefix],
+                                   workdir / "loadgen.log")
+    ok = await reader.wait_count(gen["sent"], 30)
+    return {**latency_stats(reader.samples), "sent": gen["sent"], "received": reader.count, "all_received": ok}
+
+
+async def run(args) -> dict:
+    capacity = args.capacity
+    if not capacity:
+        latest = RESULTS / "latest.json"
+        capacity = orjson.loads(latest.read_bytes())["worker_throughput"]["events_per_s"] if latest.exists() else 5000
+    target = 3 * capacity
+    workdir = Path(tempfile.mkdtemp(prefix="bench-bp-"))
+    say(f"work dir {workdir}; capacity {capacity}/s, offering {target}/s for {args.overload_seconds} s")
+    broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+    worker = None
+    reader = Reader(broker.bootstrap, "personalization_scores", "event_ts", settings.fetch_wait_ms,
+                    id_field="event_id")
+    out: dict = {"capacity_events_per_s": capacity, "offered_target_events_per_s": target}
+    try:
+        await create_topics(broker.bootstrap, ["cart_events", "personalization_scores"])
+        await reader.start()
+        worker = Worker(broker.url, workdir).start()
+        await worker.ready()
+        await low_rate(broker.bootstrap, reader, workdir, "warm-", 3)
+        say(f"before: {LOW_RATE}/s for 10 s")
+        out["before"] = await low_rate(broker.bootstrap, reader, workdir, "before-", 10)
+        rss_before = proc_status(worker.pid).get("VmRSS")
+
+        say("overload")
+        reader.reset()
+        log = workdir / "loadgen-overload.log"
+        gen = spawn(["-m", "bench.loadgen", "--bootstrap", broker.bootstrap, "--topic", "cart_events", "--rate",
+                     str(target), "--duration", str(args.overload_seconds), "--prefix", "over-"], log)
+        await wait_line(log, "READY", gen)
+        t0 = time.monotonic()
+        samples = []  # (seconds, worker RSS MiB, outputs so far)
+        while gen.poll() is None:
+            samples.append((round(time.monotonic() - t0, 1), proc_status(worker.pid).get("VmRSS"), reader.count))
+            await asyncio.sleep(1)
+        stop(gen)
+        result = orjson.loads([ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")][-1][7:])
+        t_end = time.monotonic() - t0
+        received_at_end = reader.count
+        say(f"  sent {result['sent']} at {result['rate']}/s; {received_at_end} scored by then; draining")
+        while reader.count < result["sent"]:
+            n = reader.count
+            samples.append((round(time.monotonic() - t0, 1), proc_status(worker.pid).get("VmRSS"), n))
+            await asyncio.sleep(1)
+            if reader.count == n and time.monotonic() - t0 > t_end + 30:
+                break  # no progress for a while: report what arrived
+        drain_s = time.monotonic() - t0 - t_end
+        ids = set(reader.ids)
+        out["overload"] = {
+            "seconds": result["seconds"], "sent": result["sent"], "offered_events_per_s": result["rate"],
+            "offered_over_capacity": round(result["rate"] / capacity, 2),
+            "scored_during_overload_per_s": round(received_at_end / t_end),
+            "backlog_at_end": result["sent"] - received_at_end,
+            "drain_seconds": round(drain_s, 1),
+            "distinct_scored": len(ids), "all_scored": len(ids) == result["sent"],
+            "missing": result["sent"] - len({i for i in ids if i.startswith("over-")}),
+            "duplicates": len(reader.ids) - len(ids),
+            "rss_mib_before": rss_before,
+            "rss_mib_max": max(r for _, r, _ in samples if r),
+            "rss_mib_end": proc_status(worker.pid).get("VmRSS"),
+            "rss_mib_samples": [[t, r] for t, r, _ in samples[:: max(1, len(samples) // 40)]],
+        }
+        say(f"  all scored: {out['overload']['all_scored']}; RSS {rss_before} -> max "
+            f"{out['overload']['rss_mib_max']} MiB; drained in {drain_s:.0f} s")
+        say(f"after: {LOW_RATE}/s for 10 s")
+        out["after"] = await low_rate(broker.bootstrap, reader, workdir, "after-", 10)
+        out["worker_vmhwm_mib"] = proc_status(worker.pid).get("VmHWM")
+    finally:
+        await reader.stop()
+        if worker:
+            worker.stop()
+        broker.stop()
+    return out
+
+
+def table(r: dict) -> str:
+    o, b, a = r["overload"], r["before"], r["after"]
+    return "\n".join([
+        "| backpressure | value |",
+        "|---|---|",
+        f"| capacity (last bench), events/s | {r['capacity_events_per_s']} |",
+        f"| offered for {o['seconds']} s, events/s (x capacity) | {o['offered_events_per_s']} ({o['offered_over_capacity']}x) |",
+        f"| scored during the overload, events/s | {o['scored_during_overload_per_s']} |",
+        f"| backlog when the load dropped / drained in | {o['backlog_at_end']} events / {o['drain_seconds']} s |",
+        f"| every event scored (sent / distinct scored / duplicates) | {o['all_scored']} ({o['sent']} / {o['distinct_scored']} / {o['duplicates']}) |",
+        f"| worker RSS before / max / after, MiB | {o['rss_mib_before']} / {o['rss_mib_max']} / {o['rss_mib_end']} |",
+        f"| latency at {LOW_RATE}/s before: p50 / p99 ms | {b['p50_ms']} / {b['p99_ms']} |",
+        f"| latency at {LOW_RATE}/s after the drain: p50 / p99 ms | {a['p50_ms']} / {a['p99_ms']} |",
+    ])
+
+
+def main(args) -> None:
+    result = asyncio.run(run(args))
+    result["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "backpressure-latest.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    print(table(result))

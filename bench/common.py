@@ -1,0 +1,202 @@
+"""Shared parts of the benchmark: broker topics, input events, the reader, percentiles, process memory."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+
+
+def say(msg: str) -> None:
+    """Progress on stderr, so stdout keeps only the result table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+async def create_topics(bootstrap: str, names: list[str], partitions: int = PARTITIONS) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        # retention.ms given explicitly: Tansu returns only the configs given at creation.
+        await admin.create_topics([NewTopic(n, partitions, 1, topic_configs={"retention.ms": "-1"})
+                                   for n in names])
+    finally:
+        await admin.close()
+
+
+def cart_events(n: int, users: int, seed: int, prefix: str, ts_ms=None) -> list[dict]:
+    """n simulated cart events of `users` users; ids unique per prefix; ts stamped by `ts_ms()`."""
+    from training import cart_sim
+
+    clock = ts_ms or (lambda: int(time.time() * 1000))
+    gen = cart_sim.live(users, seed, clock)
+    out = []
+    for i in range(n):
+        e = next(gen)
+        e["event_id"] = f"{prefix}{i}"
+        out.append(e)
+    return out
+
+
+async def produce_all(bootstrap: str, topic: str, events: list[dict], progress: bool = True) -> float:
+    """Produce keyed by user id, wait for every ack; returns seconds taken."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024,
+                                acks=1)
+    await producer.start()
+    t0 = time.monotonic()
+    try:
+        futs = []
+        for i, e in enumerate(events):
+            futs.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
+            if len(futs) >= 20_000:
+                await asyncio.gather(*futs)
+                futs = []
+                if progress:
+                    say(f"  produced {i + 1}/{len(events)}")
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    return time.monotonic() - t0
+
+
+class Reader:
+    """A separate consumer of an output topic (all partitions, from the current end).
+
+    Records arrival wall time (ms, float) and the event timestamp carried in the value.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, ts_field: str | None, fetch_wait_ms: int, keep_values=False,
+                 id_field: str | None = None):
+        self.bootstrap, self.topic, self.ts_field = bootstrap, topic, ts_field
+        self.fetch_wait_ms = fetch_wait_ms
+        self.keep_values = keep_values
+        self.id_field = id_field
+        self.ids: list[str] = []  # with id_field: ids in arrival order, aligned with samples
+        self.consumer: AIOKafkaConsumer | None = None
+        self.samples: list[tuple[float, int]] = []  # (arrival ms, event ts ms)
+        self.values: list[bytes] = []
+        self.count = 0
+        self.first = self.last = None  # monotonic arrival of first / last record
+        self._task = None
+
+    async def start(self, from_beginning: bool = False) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                         fetch_max_wait_ms=self.fetch_wait_ms,
+                                         max_partition_fetch_bytes=4 * 1024 * 1024)
+        await self.consumer.start()
+        tps = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
+        self.consumer.assign(tps)
+        if from_beginning:
+            await self.consumer.seek_to_beginning(*tps)
+        else:
+            await self.consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the position now, not at the first fetch
+                await self.consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        parse = self.ts_field is not None
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=100, max_records=10_000)
+            if not batch:
+                continue
+            now_m = time.monotonic()
+            now_ms = time.time() * 1000.0
+            n = 0
+            for records in batch.values():
+                n += len(records)
+                if parse:
+                    f, idf = self.ts_field, self.id_field
+                    for r in records:
+                        v = orjson.loads(r.value)
+                        self.samples.append((now_ms, v[f]))
+                        if idf:
+                            self.ids.append(v[idf])
+                if self.keep_values:
+                    self.values.extend(r.value for r in records)
+            if self.first is None:
+                self.first = now_m
+            self.last = now_m
+            self.count += n
+
+    def reset(self) -> None:
+        self.samples, self.values, self.ids, self.count, self.first, self.last = [], [], [], 0, None, None
+
+    async def wait_count(self, n: int, idle_timeout: float = 30.0, on_progress=None) -> bool:
+        last_count, last_change = -1, time.monotonic()
+        next_report = time.monotonic() + 3
+        while self.count < n:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if self.count != last_count:
+                last_count, last_change = self.count, now
+            elif now - last_change > idle_timeout:
+                return False
+            if on_progress and now >= next_report:
+                on_progress(self.count)
+                next_report = now + 3
+        return True
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.consumer:
+            await self.consumer.stop()
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
+    return sorted_values[i]
+
+
+def latency_stats(samples: list[tuple[float, int]]) -> dict:
+    """p50/p99/p99.9 in ms; and p50 of the first and last third (by event time) for growth."""
+    lat = [a - t for a, t in samples]
+    s = sorted(lat)
+    out = {"n": len(s), "p50_ms": _r(percentile(s, 50)), "p99_ms": _r(percentile(s, 99)),
+           "p999_ms": _r(percentile(s, 99.9)), "max_ms": _r(s[-1] if s else None)}
+    by_ts = [a - t for a, t in sorted(samples, key=lambda x: x[1])]
+    third = len(by_ts) // 3
+    if third:
+        out["p50_first_third_ms"] = _r(percentile(sorted(by_ts[:third]), 50))
+        out["p50_last_third_ms"] = _r(percentile(sorted(by_ts[-third:]), 50))
+    return out
+
+
+def _r(x):
+    return None if x is None else round(float(x), 1)
+
+
+def proc_status(pid: int) -> dict:
+    """VmRSS / VmHWM of a process in MiB."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":", 1)
+                out[k] = round(int(v.split()[0]) / 1024.0, 1)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return 0.0

@@ -1,0 +1,77 @@
+"""Profile the worker while it drains pre-produced input (needs py-spy: `pip install py-spy`).
+
+  python -m bench.profile [--events 100000] [--seconds 15] [--out profile]
+
+Writes <out>.txt (collapsed stacks, for grep or a flame-graph tool) and prints the functions with
+the most samples, inclusive and by leaf.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from app.broker import EmbeddedBroker
+from bench.common import cart_events, create_topics, produce_all, say
+from bench.run import Worker
+
+
+def top(collapsed: Path, n: int = 40) -> str:
+    incl: collections.Counter = collections.Counter()
+    leaf: collections.Counter = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        c = int(count)
+        total += c
+        frames = stack.split(";")
+        for f in set(frames):
+            incl[f] += c
+        leaf[frames[-1]] += c
+    out = [f"total samples {total}", "-- inclusive --"]
+    out += [f"{100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(n)]
+    out += ["-- leaf (self) --"]
+    out += [f"{100 * c / total:5.1f}%  {f}" for f, c in leaf.most_common(n)]
+    return "\n".join(out)
+
+
+async def run(args) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+    worker = None
+    try:
+        await create_topics(broker.bootstrap, ["cart_events", "personalization_scores"])
+        await produce_all(broker.bootstrap, "cart_events", cart_events(args.events, 10_000, 1, "p"))
+        worker = Worker(broker.url, workdir).start()
+        await worker.ready()
+        await asyncio.sleep(args.delay)  # group join, then steady draining
+        say(f"recording {args.seconds} s of worker pid {worker.pid}")
+        py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+        # --gil: only samples holding the GIL, i.e. where the worker's CPU goes (not its waits)
+        subprocess.run([py_spy, "record", "--pid", str(worker.pid), "--duration", str(args.seconds),
+                        "--rate", "200", *([] if args.all_threads else ["--gil"]), "--format", "raw",
+                        "--output", args.out + ".txt", "--nonblocking"], check=True, capture_output=True)
+    finally:
+        if worker:
+            worker.stop()
+        broker.stop()
+    print(top(Path(args.out + ".txt"), args.top))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--events", type=int, default=150_000)
+    p.add_argument("--seconds", type=int, default=15)
+    p.add_argument("--delay", type=float, default=6)
+    p.add_argument("--top", type=int, default=45)
+    p.add_argument("--out", default="profile")
+    p.add_argument("--all-threads", action="store_true", help="every running thread, not only the GIL holder")
+    asyncio.run(run(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

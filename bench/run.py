@@ -1,0 +1,449 @@
+"""`make bench`: the scoring worker beside a bare aiokafka loop, measured in one run.
+
+  python -m bench.run                  # full run: 200k events, 10k users, 4 partitions (a few minutes)
+  python -m bench.run --quick          # smaller input and shorter rate steps (about a minute)
+  python -m bench.run --backpressure   # offered load at ~3x capacity for a minute (bench/backpressure.py)
+  python -m bench.run --recovery       # table recovery time from the changelog (bench/recovery.py)
+
+Phases, each on a fresh embedded broker started here (Tansu keeps everything in memory and slows
+down as it fills, which would otherwise penalise whatever runs last):
+  1. ceiling: N cart events pre-produced to `cart_events` (keyed by user, as a shop would), then
+     `python -m bench.bare drain` copies them to `bench_out`;
+  2. the same N events pre-produced again, and the real worker (`faust -A app worker -l info`,
+     default settings) drains them into `personalization_scores`;
+  3. latency at each offered rate: first the bare relay (`bench.bare relay`, relay_in -> relay_out),
+     then a fresh worker (cart_events -> personalization_scores), same load generator and reader;
+  4. worker memory (VmHWM of both workers), the worker's own predict-time metrics, the Scorer alone.
+Outputs are counted, and latencies taken, by a separate consumer in this process. Every producer and
+consumer runs in its own process, so CPU is shared as in production on this 2-core machine.
+Results: a markdown table on stdout, JSON in bench/results/<timestamp>.json and latest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from app.broker import EmbeddedBroker
+from app.settings import settings
+from bench.common import (ROOT, Reader, cart_events, cpu_seconds, create_topics, latency_stats, proc_status,
+                          produce_all, say)
+
+RESULTS = ROOT / "bench" / "results"
+RATES = (500, 1000, 2000, 5000)
+MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "ab")
+    try:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
+async def wait_line(log: Path, needle: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            if needle in line:
+                return line
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited ({proc.returncode}); see {log}:\n{text[-2000:]}")
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{needle!r} not seen in {log} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+class Worker:
+    """The real worker, started as users start it: `faust -A app worker -l info`."""
+
+    def __init__(self, broker_url: str, workdir: Path, env: dict | None = None, name: str = "worker"):  # noqa: D107
+        from app.broker import free_port
+
+        self.web_port = free_port()
+        self.log = workdir / f"{name}.log"
+        self.data_dir = workdir / f"data-{name}"
+        self.env = {"BROKER_URL": broker_url, "WEB_PORT": str(self.web_port), "DATA_DIR": str(self.data_dir),
+                    "MODEL_DIR": str(MODEL_DIR), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        self.proc = spawn(["-m", "faust", "-A", "app", "worker", "-l", "info"], self.log, self.env)
+        return self
+
+    async def ready(self, timeout: float = 120) -> None:
+        await wait_line(self.log, "[^Worker]: Ready", self.proc, timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics, cart pipeline samples only, as {name{labels}: value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("#") or 'pipeline="fraud"' in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[re.sub(r'\{pipeline="cart"\}', "", name)] = float(value)
+            except ValueError:
+                pass
+        return out
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+async def run_proc_to_result(args: list[str], log: Path, timeout: float = 600) -> dict:
+    proc = spawn(args, log)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    stop(proc)
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{args} gave no result; see {log}")
+    return orjson.loads(lines[-1].split("RESULT ", 1)[1])  # the log is appended to: the last one is ours
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+async def drain(reader: Reader, n: int, what: str, timeout_idle: float = 60) -> dict:
+    ok = await reader.wait_count(n, timeout_idle, lambda c: say(f"  {what}: {c}/{n} outputs"))
+    secs = (reader.last - reader.first) if reader.first is not None and reader.count > 1 else None
+    return {"events": n, "outputs": reader.count, "complete": ok,
+            "seconds_first_to_last": round(secs, 3) if secs else None,
+            "events_per_s": round(reader.count / secs) if secs else None}
+
+
+async def latency_at_rates(bootstrap: str, in_topic: str, reader: Reader, rates, durations: dict,
+                           workdir: Path, label: str, pid: int | None = None) -> dict:
+    out = {}
+    # warm-up: connections, metadata, first batches; not measured
+    await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                              "--rate", "200", "--duration", "2", "--prefix", f"{label}-warm-"],
+                             workdir / f"loadgen-{label}.log")
+    await reader.wait_count(400, 10)
+    await asyncio.sleep(1)
+    for rate in rates:
+        reader.reset()
+        await asyncio.sleep(0.5)
+        cpu0 = cpu_seconds(pid) if pid else None
+        say(f"  {label}: {rate} events/s for {durations[rate]} s")
+        gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                                        "--rate", str(rate), "--duration", str(durations[rate]),
+                                        "--prefix", f"{label}-{rate}-"], workdir / f"loadgen-{label}.log")
+        ok = await reader.wait_count(gen["sent"], 15)
+        stats = latency_stats(reader.samples)
+        stats.update(offered=rate, sent=gen["sent"], achieved_rate=gen["rate"], received=reader.count,
+                     all_received=ok)
+        if cpu0 is not None:
+            stats["cpu_share"] = round((cpu_seconds(pid) - cpu0) / gen["seconds"], 2)
+        say(f"    p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms, p99.9 {stats['p999_ms']} ms, "
+            f"received {reader.count}/{gen['sent']}")
+        out[str(rate)] = stats
+    return out
+
+
+def scorer_microbench() -> dict:
+    """LightGBM predict per row: one row per call vs batches of 500, on realistic feature rows."""
+    import numpy as np
+
+    from app.scorer import Scorer
+    from app.usecases import CART
+    from training.train import replay
+
+    events = cart_events(5000, 500, 3, "s")
+    rows = replay(CART, events)
+    scorer = Scorer(MODEL_DIR / "cart", CART.feature_names)
+    scorer.predict(rows[:500])
+    t0 = time.perf_counter()
+    for i in range(2000):
+        scorer.predict(rows[i:i + 1])
+    single = (time.perf_counter() - t0) / 2000
+    t0 = time.perf_counter()
+    for i in range(0, 5000, 500):
+        scorer.predict(rows[i:i + 500])
+    batch = (time.perf_counter() - t0) / 5000
+    assert np.array_equal(scorer.predict(rows[:500]), np.concatenate([scorer.predict(rows[i:i + 1]) for i in range(500)]))
+    return {"single_row_us": round(single * 1e6, 1), "batch500_per_row_us": round(batch * 1e6, 2)}
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+async def fresh_broker(workdir: Path, name: str, topics: list[str]) -> EmbeddedBroker:
+    # Tansu keeps every record in memory and slows down as it fills (the bare relay's p50 at
+    # 5000/s tripled after 800k records), so every phase gets a broker holding only its own data.
+    broker = EmbeddedBroker(log_path=workdir / f"broker-{name}.log").start()
+    await create_topics(broker.bootstrap, topics)
+    return broker
+
+
+async def bench(args) -> dict:
+    n, users = args.events, args.users
+    durations = {r: args.duration for r in RATES}
+    durations[5000] = args.duration * 1.5  # longer, to see whether latency grows
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    say(f"work dir {workdir}")
+    result: dict = {"config": {"events": n, "users": users, "partitions": 4, "rates": list(RATES),
+                               "durations_s": {str(k): v for k, v in durations.items()},
+                               "settings": {k: v for k, v in settings.describe().items()
+                                            if k in ("batch_max", "fetch_wait_ms", "linger_ms",
+                                                     "producer_max_batch_bytes", "commit_interval_s")}}}
+    brokers: list[EmbeddedBroker] = []
+    procs: list = []
+    readers: list[Reader] = []
+    try:
+        say(f"simulating {n} cart events of {users} users")
+        events = cart_events(n, users, 1, "t")
+
+        # 1. the ceiling: bare loop over the pre-produced input
+        broker = await fresh_broker(workdir, "bare", ["cart_events", "bench_out"])
+        brokers.append(broker)
+        say("pre-producing the input to cart_events")
+        secs = await produce_all(broker.bootstrap, "cart_events", events)
+        say(f"  {n} events in {secs:.1f} s")
+        say("ceiling: bare aiokafka consume -> produce loop over the input")
+        reader = Reader(broker.bootstrap, "bench_out", None, settings.fetch_wait_ms)
+        readers.append(reader)
+        await reader.start()
+        bare = await run_proc_to_result(["-m", "bench.bare", "drain", "--bootstrap", broker.bootstrap, "--src",
+                                         "cart_events", "--dst", "bench_out", "--count", str(n)],
+                                        workdir / "bare.log")
+        result["bare_throughput"] = {**await drain(reader, n, "bare"), "loop_seconds": bare["seconds"]}
+        await reader.stop()
+        broker.stop()
+        say(f"  {result['bare_throughput']['events_per_s']} events/s")
+
+        # 2. the worker drains the same input
+        broker = await fresh_broker(workdir, "worker", ["cart_events", "personalization_scores"])
+        brokers.append(broker)
+        say("pre-producing the same input to cart_events")
+        await produce_all(broker.bootstrap, "cart_events", events)
+        del events
+        say("worker: draining the pre-produced input")
+        reader = Reader(broker.bootstrap, "personalization_scores", None, settings.fetch_wait_ms, keep_values=True)
+        readers.append(reader)
+        await reader.start()
+        t_start = time.monotonic()
+        worker = Worker(broker.url, workdir, name="worker-drain").start()
+        procs.append(worker)
+        await worker.ready()
+        t_ready = time.monotonic()
+        cpu0 = cpu_seconds(worker.pid)
+        rss = []
+        sampler = asyncio.create_task(_sample_rss(worker.pid, rss))
+        tp = await drain(reader, n, "worker")
+        sampler.cancel()
+        ids = {orjson.loads(v)["event_id"] for v in reader.values}
+        tp.update(distinct_events_scored=len(ids),
+                  seconds_ready_to_last=round(reader.last - t_ready, 3) if reader.last else None,
+                  seconds_start_to_ready=round(t_ready - t_start, 3),
+                  worker_cpu_share=round((cpu_seconds(worker.pid) - cpu0) / max(1e-9, reader.last - t_ready), 2)
+                  if reader.last else None,
+                  rss_max_mib=max(rss) if rss else None)
+        if reader.last:
+            tp["events_per_s_ready_to_last"] = round(reader.count / (reader.last - t_ready))
+        result["worker_throughput"] = tp
+        reader.values = []
+        await reader.stop()
+        say(f"  {tp['events_per_s']} events/s (first->last output), {tp['distinct_events_scored']} distinct scored")
+        if tp["events_per_s"] and result["bare_throughput"]["events_per_s"]:
+            result["ratio_worker_to_bare"] = round(tp["events_per_s"] / result["bare_throughput"]["events_per_s"], 3)
+        m0 = worker.metrics()
+        mem_drain = proc_status(worker.pid)
+        worker.stop()
+        broker.stop()
+
+        # 3. latency at fixed offered rates: bare relay, then the worker, on one fresh broker
+        broker = await fresh_broker(workdir, "latency", ["cart_events", "personalization_scores", "relay_in",
+                                                         "relay_out"])
+        brokers.append(broker)
+        say("bare aiokafka relay latency (relay_in -> relay_out)")
+        relay = spawn(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "relay_in", "--dst",
+                       "relay_out"], workdir / "relay.log")
+        procs.append(relay)
+        await wait_line(workdir / "relay.log", "READY", relay)
+        reader = Reader(broker.bootstrap, "relay_out", "ts", settings.fetch_wait_ms)
+        readers.append(reader)
+        await reader.start()
+        result["bare_latency"] = await latency_at_rates(broker.bootstrap, "relay_in", reader, RATES, durations,
+                                                        workdir, "relay", relay.pid)
+        await reader.stop()
+        stop(relay)
+
+        say("worker latency (cart_events -> personalization_scores)")
+        worker = Worker(broker.url, workdir, name="worker-latency").start()
+        procs.append(worker)
+        await worker.ready()
+        reader = Reader(broker.bootstrap, "personalization_scores", "event_ts", settings.fetch_wait_ms)
+        readers.append(reader)
+        await reader.start()
+        result["worker_latency"] = await latency_at_rates(broker.bootstrap, "cart_events", reader, RATES, durations,
+                                                          workdir, "worker", worker.pid)
+        await reader.stop()
+
+        # 4. memory and scoring
+        m1 = worker.metrics()
+        mem_latency = proc_status(worker.pid)
+        result["worker_memory_mib"] = {"drain": mem_drain, "latency": mem_latency,
+                                       "VmHWM": max(mem_drain.get("VmHWM", 0), mem_latency.get("VmHWM", 0))}
+        result["scoring"] = {
+            "worker_predict_us_per_event_drain": _per_event(m0),
+            "worker_mean_batch_drain": _mean_batch(m0),
+            "worker_predict_us_per_event_latency_phase": _per_event(m1),
+            "worker_mean_batch_latency_phase": _mean_batch(m1),
+            **scorer_microbench(),
+        }
+    finally:
+        for r in readers:
+            try:
+                await r.stop()
+            except Exception:
+                pass
+        for proc in procs:
+            if isinstance(proc, Worker):
+                proc.stop()
+            else:
+                stop(proc)
+        for b in brokers:
+            b.stop()
+    return result
+
+
+def _per_event(m: dict) -> float | None:
+    s, c = m.get("scoring_predict_seconds_sum"), m.get("scoring_scored_total")
+    return round(s / c * 1e6, 2) if s and c else None
+
+
+def _mean_batch(m: dict) -> float | None:
+    s, c = m.get("scoring_batch_size_sum"), m.get("scoring_batch_size_count")
+    return round(s / c, 1) if s and c else None
+
+
+async def _sample_rss(pid: int, out: list) -> None:
+    while True:
+        rss = proc_status(pid).get("VmRSS")
+        if rss:
+            out.append(rss)
+        await asyncio.sleep(0.5)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def _x(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+def table(r: dict) -> str:
+    wt, bt = r["worker_throughput"], r["bare_throughput"]
+    lines = [
+        "| measure | worker (`faust -A app worker`) | bare aiokafka | worker / bare |",
+        "|---|---|---|---|",
+        f"| throughput, events/s (first to last output, {wt['events']} events) | {wt['events_per_s']} | "
+        f"{bt['events_per_s']} | {r.get('ratio_worker_to_bare', 'n/a')} |",
+        f"| throughput, events/s (worker Ready to last output) | {wt.get('events_per_s_ready_to_last')} | | |",
+    ]
+    for rate, w in r["worker_latency"].items():
+        b = r["bare_latency"][rate]
+        lines.append(f"| latency @ {rate}/s: p50 / p99 / p99.9 ms | {w['p50_ms']} / {w['p99_ms']} / {w['p999_ms']} | "
+                     f"{b['p50_ms']} / {b['p99_ms']} / {b['p999_ms']} | {_x(w['p50_ms'], b['p50_ms'])} / "
+                     f"{_x(w['p99_ms'], b['p99_ms'])} / {_x(w['p999_ms'], b['p999_ms'])} |")
+    w5, b5 = r["worker_latency"].get("5000"), r["bare_latency"].get("5000")
+    if w5 and "p50_first_third_ms" in w5:
+        lines.append(f"| @ 5000/s: p50 first third -> last third, ms (all received) | "
+                     f"{w5['p50_first_third_ms']} -> {w5['p50_last_third_ms']} ({w5['all_received']}) | "
+                     f"{b5['p50_first_third_ms']} -> {b5['p50_last_third_ms']} ({b5['all_received']}) | |")
+    mem = r["worker_memory_mib"]
+    lines.append(f"| worker peak memory (VmHWM), MiB | {mem.get('VmHWM')} | | |")
+    s = r["scoring"]
+    lines.append(f"| LightGBM predict, us per event: worker (mean batch {s['worker_mean_batch_drain']}) | "
+                 f"{s['worker_predict_us_per_event_drain']} | | |")
+    lines.append(f"| LightGBM predict, us per row: 1 row per call / batches of 500 | "
+                 f"{s['single_row_us']} / {s['batch500_per_row_us']} | | |")
+    return "\n".join(lines)
+
+
+def save(result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = RESULTS / f"{stamp}.json"
+    data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    path.write_bytes(data)
+    (RESULTS / "latest.json").write_bytes(data)
+    return path
+
+
+def git_describe() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app", "tables", "agents"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except OSError:
+        return {}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=int(os.environ.get("BENCH_EVENTS", 200_000)))
+    p.add_argument("--users", type=int, default=int(os.environ.get("BENCH_USERS", 10_000)))
+    p.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 10)),
+                   help="seconds per offered rate (5000/s runs 1.5x as long)")
+    p.add_argument("--quick", action="store_true", help="50k events, 4 s per rate")
+    p.add_argument("--label", default="", help="free text stored with the result")
+    p.add_argument("--backpressure", action="store_true", help="run the backpressure test instead")
+    p.add_argument("--recovery", action="store_true", help="run the table recovery test instead")
+    p.add_argument("--capacity", type=int, default=0, help="backpressure: events/s (default: latest.json)")
+    p.add_argument("--overload-seconds", type=float, default=60, help="backpressure: how long to offer 3x")
+    p.add_argument("--recovery-users", default="10000,100000", help="recovery: changelog sizes, comma-separated")
+    args = p.parse_args(argv)
+    if args.backpressure:
+        from bench import backpressure
+        return backpressure.main(args)
+    if args.recovery:
+        from bench import recovery
+        return recovery.main(args)
+    if args.quick:
+        args.events, args.duration = min(args.events, 50_000), 4
+    t0 = time.monotonic()
+    result = asyncio.run(bench(args))
+    result.update(when=time.strftime("%Y-%m-%dT%H:%M:%S%z"), git=git_describe(), label=args.label,
+                  total_seconds=round(time.monotonic() - t0, 1),
+                  command=" ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]))
+    path = save(result)
+    print(table(result))
+    say(f"results in {path.relative_to(ROOT)} and bench/results/latest.json ({result['total_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

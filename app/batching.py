@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class OffsetGuard:
         self.consumer = consumer
         self.generation = None
         self.expected: dict = {}
-        self.rewinding: set = set()
+        self.rewinding: dict = {}  # partition -> when it was last sought back
 
     def on_generation(self, generation) -> None:
         if generation != self.generation:
@@ -50,15 +51,21 @@ class OffsetGuard:
         tp, offset = event.message.tp, event.message.offset
         expected = self.expected.get(tp)
         if expected is not None and offset > expected:
-            if tp not in self.rewinding:
-                self.rewinding.add(tp)
+            # Seek again if the last seek did not bring the records back within a second: Faust
+            # swallows a seek that fails mid-rebalance, and a partition must never stay stuck.
+            now = time.monotonic()
+            if now - self.rewinding.get(tp, 0.0) > 1.0:
+                self.rewinding[tp] = now
                 log.warning("records %s..%s of %s went missing in the consumer; fetching them again",
                             expected, offset - 1, tp)
-                await self.consumer.seek(tp, expected)
+                try:
+                    await self.consumer.seek(tp, expected)
+                except Exception as exc:  # not assigned any more: the next owner reads them
+                    log.warning("seek of %s to %s failed: %r", tp, expected, exc)
             return False
         if expected is None or offset == expected:
             self.expected[tp] = offset + 1
-            self.rewinding.discard(tp)
+            self.rewinding.pop(tp, None)
         return True
 
 

@@ -55,16 +55,23 @@ async def send_batches(producer, records: list[Record]) -> list[tuple[asyncio.Fu
     """
     kafka = producer._ensure_producer()  # the AIOKafkaProducer under Faust's producer
     by_tp: dict[tuple[str, int], list[Record]] = {}
-    partitions: dict[str, list[int]] = {}
+    partitions: dict[str, list[int] | BaseException] = {}
+    unsendable: dict[str, list[Record]] = {}
     for r in records:
         r.attempts += 1
         partition = r.partition
         if partition is None:
             if r.topic not in partitions:
-                partitions[r.topic] = sorted(await kafka.partitions_for(r.topic))
+                try:
+                    partitions[r.topic] = sorted(await kafka.partitions_for(r.topic))
+                except Exception as exc:  # no metadata: these records fail this round, retried
+                    partitions[r.topic] = exc
+            if isinstance(partitions[r.topic], BaseException):
+                unsendable.setdefault(r.topic, []).append(r)
+                continue
             partition = _default_partition(r.key, partitions[r.topic])
         by_tp.setdefault((r.topic, partition), []).append(r)
-    sent = []
+    sent = [(failed_future(partitions[topic]), rs) for topic, rs in unsendable.items()]
     for (topic, partition), rs in by_tp.items():
         batch, members = kafka.create_batch(), []
         for r in rs:
@@ -116,9 +123,9 @@ async def _send_round(producer, records: list[Record]) -> list[Record]:
 async def settle(futs: list) -> None:
     """Wait until every future is done, without raising and without a callback per future.
 
-    aiokafka completes the records of one partition in send order, so waiting for the last
-    unfinished one from the end usually finds the earlier ones done: a few suspensions per batch
-    instead of `gather`'s bookkeeping per record. Every future is still checked one by one.
+    aiokafka completes the batches of one partition in send order, so waiting for the last
+    unfinished one from the end usually finds the earlier ones done: a few suspensions per round
+    instead of `gather`'s bookkeeping per future. Every future is still checked one by one.
     """
     for fut in reversed(futs):
         if not fut.done():

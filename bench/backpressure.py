@@ -25,9 +25,10 @@ from bench.run import RESULTS, Worker, run_proc_to_result, spawn, stop, wait_lin
 LOW_RATE = 500
 
 
-async def low_rate(bootstrap: str, reader: Reader, workdir: Path, prefix: str, seconds: float) -> dict:
+async def low_rate(bootstrap: str, reader: Reader, workdir: Path, prefix: str, seconds: float,
+                   topic: str = "cart_events") -> dict:
     reader.reset()
-    gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", "cart_events",
+    gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", topic,
                                     "--rate", str(LOW_RATE), "--duration", str(seconds), "--prefix", prefix],
                                    workdir / "loadgen.log")
     ok = await reader.wait_count(gen["sent"], 30)
@@ -100,6 +101,22 @@ async def run(args) -> dict:
         say(f"after: {LOW_RATE}/s for 10 s")
         out["after"] = await low_rate(broker.bootstrap, reader, workdir, "after-", 10)
         out["worker_vmhwm_mib"] = proc_status(worker.pid).get("VmHWM")
+        # Control: the bare relay in the worker's place (same broker, same topics, now full), to
+        # tell the broker's slowdown from the worker's: Tansu keeps every record in memory.
+        worker.stop()
+        say(f"control: bare relay cart_events -> personalization_scores at {LOW_RATE}/s on the same broker")
+        relay = spawn(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "cart_events", "--dst",
+                       "personalization_scores"], workdir / "relay.log")
+        try:
+            await wait_line(workdir / "relay.log", "READY", relay)
+            control = Reader(broker.bootstrap, "personalization_scores", "ts", settings.fetch_wait_ms)
+            await control.start()
+            try:
+                out["after_bare_relay"] = await low_rate(broker.bootstrap, control, workdir, "relay-", 10)
+            finally:
+                await control.stop()
+        finally:
+            stop(relay)
     finally:
         await reader.stop()
         if worker:
@@ -121,6 +138,8 @@ def table(r: dict) -> str:
         f"| worker RSS before / max / after, MiB | {o['rss_mib_before']} / {o['rss_mib_max']} / {o['rss_mib_end']} |",
         f"| latency at {LOW_RATE}/s before: p50 / p99 ms | {b['p50_ms']} / {b['p99_ms']} |",
         f"| latency at {LOW_RATE}/s after the drain: p50 / p99 ms | {a['p50_ms']} / {a['p99_ms']} |",
+        f"| control: bare relay at {LOW_RATE}/s on the same broker after: p50 / p99 ms | "
+        f"{r['after_bare_relay']['p50_ms']} / {r['after_bare_relay']['p99_ms']} |",
     ])
 
 

@@ -122,7 +122,7 @@ def outputs(broker, events: list[dict], timeout: float = 120) -> list[dict]:
     return [orjson.loads(r.value) for r in read_topic(broker, FLOW.output, done, timeout)]
 
 
-def wait_all_committed(broker, events: list[dict], timeout: float = 60) -> None:
+def wait_all_committed(broker, events: list[dict], timeout: float = 120) -> None:
     """The group committed every source record: every event was acked, so its state write reached
     the changelog (the processor acks only after the changelog delivery is confirmed)."""
     per_partition = Counter(partition(e[FLOW.key]) for e in events)

@@ -48,7 +48,7 @@ class Settings:
     # Micro-batch: at most this many events per predict/publish round. No fixed wait:
     # a batch is whatever is buffered when the previous round ends. Each round costs two broker
     # round trips (outputs, then state), so under load larger rounds drain faster (bench: 500 ->
-    # 2000 gave about +15%); Faust's stream buffer (4096 per partition queue) bounds memory.
+    # 2000 gave about +15%); Faust's stream buffer (4096 events per agent queue) bounds memory.
     batch_max: int = field(default_factory=lambda: _int("BATCH_MAX", 2000))
     retry_attempts: int = field(default_factory=lambda: _int("RETRY_ATTEMPTS", 5))
     retry_base_ms: float = field(default_factory=lambda: _float("RETRY_BASE_MS", 50))

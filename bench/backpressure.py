@@ -74,12 +74,14 @@ async def run(args) -> dict:
         t_end = time.monotonic() - t0
         received_at_end = reader.count
         say(f"  sent {result['sent']} at {result['rate']}/s; {received_at_end} scored by then; draining")
+        last_n, last_progress = reader.count, time.monotonic()
         while reader.count < result["sent"]:
-            n = reader.count
-            samples.append((round(time.monotonic() - t0, 1), proc_status(worker.pid).get("VmRSS"), n))
+            samples.append((round(time.monotonic() - t0, 1), proc_status(worker.pid).get("VmRSS"), reader.count))
             await asyncio.sleep(1)
-            if reader.count == n and time.monotonic() - t0 > t_end + 30:
-                break  # no progress for a while: report what arrived
+            if reader.count != last_n:
+                last_n, last_progress = reader.count, time.monotonic()
+            elif time.monotonic() - last_progress > 60:
+                break  # no progress for a minute: report what arrived
         drain_s = time.monotonic() - t0 - t_end
         ids = set(reader.ids)
         out["overload"] = {

@@ -1,31 +1,28 @@
 """The dead-letter agent: counts by stage and exception, and a bounded sample, per partition."""
 from __future__ import annotations
 
-from app.batching import micro_batches
+from app import intake
 from app.settings import settings
 from app.worker import app, dead_letter_topic, policy
 from tables import dead_letter_stats as stats
 from tables.store import declare
 
 dead_letter_table = declare(app, "dead_letter_stats", help="dead letters per dead_letters partition")
+sink = intake.sink_for(app, dead_letter_topic, capacity=2 * settings.batch_max)
 
 
 @app.agent(dead_letter_topic, name="dead_letters")
 async def count_dead_letters(stream):
-    async for batch in micro_batches(stream, settings.batch_max):
-        last = {}
-        for event in batch:
-            msg = event.message
-            key = f"p{msg.partition}"
-            current = last[key][1] if key in last else (dead_letter_table.read(key) or stats.new_stats())
-            last[key] = (event, stats.apply(current, msg.offset, stats.header_map(msg.headers), msg.value))
-        for key, (event, value) in last.items():
-            dead_letter_table.write(event, key, value)
-        await dead_letter_table.confirm(policy, lambda keys: [dead_letter_table.write(*_arg(last, k)) for k in keys])
-        for event in batch:
-            event.ack()
-
-
-def _arg(last: dict, key: str):
-    event, value = last[key]
-    return event, key, value
+    async for batch in intake.batches(stream, sink, settings.batch_max):
+        rows = {}  # one record per dead_letters partition, kept on that partition of the table
+        for tp, records in batch.spans:
+            key = f"p{tp.partition}"
+            current = rows[key][2] if key in rows else (
+                dead_letter_table.read_many(tp.partition, [key], batch.generation)[0] or stats.new_stats())
+            for r in records:
+                current = stats.apply(current, r.offset, stats.header_map(r.headers), r.value)
+            rows[key] = (tp.partition, key, current)
+        await dead_letter_table.put_many(list(rows.values()), batch.generation)
+        await dead_letter_table.confirm(policy, lambda keys: dead_letter_table.put_many(
+            [rows[k] for k in keys], batch.generation))
+        batch.ack()

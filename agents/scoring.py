@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from app.batching import micro_batches
+from app import intake
 from app.settings import settings
 from app.worker import app, pipelines
 
@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def _agent_for(pipeline):
+    sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max)
+
     async def score(stream):
-        async for batch in micro_batches(stream, settings.batch_max):
+        async for batch in intake.batches(stream, sink, settings.batch_max):
             try:
                 await pipeline.processor.handle(batch)
             except Exception:

@@ -47,12 +47,11 @@ REPLAY_HEADERS = ("replay.count", "replay.of")
 class Item:
     """One source record on its way through the batch."""
 
-    __slots__ = ("event", "origin", "headers", "value", "key", "features", "state",
+    __slots__ = ("record", "origin", "headers", "value", "key", "features", "state",
                  "score", "reasons", "stage", "error", "attempts", "output")
 
-    def __init__(self, event) -> None:
-        msg = event.message
-        self.event = event
+    def __init__(self, record) -> None:
+        self.record = msg = record
         self.headers = dict(msg.headers) if msg.headers else {}
         if ORIGIN[0] in self.headers:
             self.origin = (self.headers[ORIGIN[0]].decode(), int(self.headers[ORIGIN[1]]),
@@ -80,7 +79,7 @@ class Item:
 
 def dead_letter(item: Item) -> Record:
     """Original key and value bytes untouched; the error context in headers (as KIP-1034)."""
-    msg = item.event.message
+    msg = item.record
     topic, partition, offset = item.origin
     headers = [
         ("errors.exception", type(item.error).__name__.encode()),
@@ -119,7 +118,7 @@ class Processor:
     # -- stages ---------------------------------------------------------------------------------
 
     def _decode(self, item: Item) -> None:
-        msg = item.event.message
+        msg = item.record
         try:
             item.value = decode(msg.value, self.uc.schema, self.max_event_bytes, self.uc.check)
         except Poison as exc:
@@ -129,7 +128,7 @@ class Processor:
 
     def _needs_forward(self, item: Item) -> bool:
         """Keyed by the state key and on its partition already? Otherwise go through the repartition topic."""
-        msg = item.event.message
+        msg = item.record
         if msg.topic == self.repartition_topic:
             return False
         key = item.key.encode()
@@ -143,7 +142,7 @@ class Processor:
         # Read per partition (all events of a key are on the key's partition).
         keys_of: dict[int, list[str]] = defaultdict(list)
         for key, its in by_key.items():
-            keys_of[its[-1].event.message.partition].append(key)
+            keys_of[its[-1].record.partition].append(key)
         records = {}
         for partition, keys in keys_of.items():
             records.update(zip(keys, self.table.read_many(partition, keys, generation)))
@@ -237,7 +236,7 @@ class Processor:
         return Record(uc.output_topic, item.key.encode(), orjson.dumps(body), owner=item)
 
     def _forward(self, item: Item) -> Record:
-        msg = item.event.message
+        msg = item.record
         headers = [(k, v) for k, v in (msg.headers or ()) if k not in ORIGIN]
         headers += [(ORIGIN[0], item.origin[0].encode()), (ORIGIN[1], str(item.origin[1]).encode()),
                     (ORIGIN[2], str(item.origin[2]).encode())]
@@ -245,11 +244,12 @@ class Processor:
 
     # -- the batch ------------------------------------------------------------------------------
 
-    async def handle(self, events: list) -> None:
+    async def handle(self, batch) -> None:
+        """Process an `app.intake.Batch` and ack it."""
         # the consumer generation the batch was taken in: state cached by the table is only
-        # trusted within one generation (app/batching.py admits a batch after any rebalance)
-        generation = self.app.consumer_generation_id
-        items = [Item(e) for e in events]
+        # trusted within one generation
+        generation = batch.generation
+        items = [Item(r) for r in batch.records]
         local, forward = [], []
         for it in items:
             self._decode(it)
@@ -271,8 +271,7 @@ class Processor:
 
         await self._write_state(before, before, generation)
         await self.table.confirm(self.policy, lambda keys: self._write_state(before, keys, generation))
-        for e in events:
-            e.ack()
+        batch.ack()
         self._count(items, now_ms)
 
     def _new_record(self, record: dict | None, its: list[Item]) -> dict | None:
@@ -298,7 +297,7 @@ class Processor:
             record, its = before[key]
             new = self._new_record(record, its)
             if new is not None:
-                rows.append((its[-1].event.message.partition, key, new))
+                rows.append((its[-1].record.partition, key, new))
         await self.table.put_many(rows, generation)
 
     def _count(self, items: list[Item], now_ms: int) -> None:

@@ -5,7 +5,7 @@ import logging
 
 import faust
 
-from app import faust_patches
+from app import faust_patches, intake
 from app.faults import Faults, install_publish_faults
 from app.gate import RetryPolicy
 from app.processor import DEAD_LETTER_TOPIC, Processor
@@ -17,6 +17,7 @@ from tables.store import declare
 log = logging.getLogger(__name__)
 
 faust_patches.install(settings.fetch_wait_ms)
+intake.install()
 
 app = faust.App(
     settings.app_id,

@@ -11,19 +11,16 @@ sender, and the persisted changelog offset stored once per partition when the ba
 That is what Faust's `table[key] = value` does per key (local write, changelog send, persisted
 offset on delivery), in the same formats and order, without Faust's per-key machinery (about a
 fifth of a worker's CPU per event). Reads come from the records written in the same consumer
-generation, else from one RocksDB multi-get. `write` keeps the per-key path for the small
-dead-letter statistics.
+generation, else from one RocksDB multi-get.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
-import weakref
 
 import faust
 import orjson
 import rocksdict
-from faust.streams import _current_event
 from faust.types import TP
 
 from app.gate import Record, RetryPolicy, exception_of, send_batches, settle
@@ -41,12 +38,6 @@ class GatedTable(faust.Table):
         # key -> (consumer generation, record) of what put_many wrote: see read_many
         self.recent: dict[str, tuple[object, dict]] = {}
         self.recent_max = RECENT_MAX
-
-    def on_key_set(self, key, value) -> None:
-        fut = self.send_changelog(self.partition_for_key(key), key, value)
-        topic = self.changelog_topic.get_topic_name()
-        self.unconfirmed.append((fut, [Record(topic, key, None, partition=fut.message.partition)]))
-        self._sensor_on_set(self, key, value)
 
     def read(self, key: str) -> dict | None:
         raw = self.get(key)
@@ -74,14 +65,6 @@ class GatedTable(faust.Table):
             for i, raw in zip(missing, raws):
                 out[i] = None if raw is None else orjson.loads(raw)
         return out
-
-    def write(self, event, key: str, value: dict) -> None:
-        """Write under `event`, whose partition is the key's partition (Faust reads it from context)."""
-        token = _current_event.set(weakref.ref(event))
-        try:
-            self[key] = orjson.dumps(value)
-        finally:
-            _current_event.reset(token)
 
     async def put_many(self, rows: list[tuple[int, str, dict]], generation) -> None:
         """Write (partition, key, record) rows: local store first, then their changelog records.

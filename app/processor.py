@@ -44,10 +44,16 @@ ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
 REPLAY_HEADERS = ("replay.count", "replay.of")
 
 
+@lru_cache(maxsize=4096)
+def _source_name(topic: str, partition: int) -> str:
+    """Key of a source partition in a state record's `applied` map."""
+    return f"{topic}:{partition}"
+
+
 class Item:
     """One source record on its way through the batch."""
 
-    __slots__ = ("record", "origin", "headers", "value", "key", "features", "state",
+    __slots__ = ("record", "origin", "source", "headers", "value", "key", "features", "state",
                  "score", "reasons", "stage", "error", "attempts", "output")
 
     def __init__(self, record) -> None:
@@ -58,6 +64,7 @@ class Item:
                            int(self.headers[ORIGIN[2]]))
         else:
             self.origin = (msg.topic, msg.partition, msg.offset)
+        self.source = _source_name(self.origin[0], self.origin[1])
         self.value = None
         self.key = None
         self.features = None
@@ -134,8 +141,12 @@ class Processor:
         key = item.key.encode()
         return msg.key != key or msg.partition != self.partition_of(key)
 
-    def _fold(self, items: list[Item], generation) -> dict[str, tuple[dict | None, list[Item]]]:
-        """Apply events to state per key, in arrival order. Returns key -> (record before, items)."""
+    def _fold(self, items: list[Item], generation) -> dict[str, list]:
+        """Apply events to state per key, in arrival order.
+
+        Returns key -> [record before, items, record after all of them]; the last is None when
+        none of them changed the state.
+        """
         by_key: dict[str, list[Item]] = defaultdict(list)
         for it in items:
             by_key[it.key].append(it)
@@ -146,26 +157,28 @@ class Processor:
         records = {}
         for partition, keys in keys_of.items():
             records.update(zip(keys, self.table.read_many(partition, keys, generation)))
-        before = {}
+        apply, features = self.uc.apply, self.uc.features
+        folded = {}
         for key, its in by_key.items():
             record = records[key]
-            before[key] = (record, its)
             state = record["state"] if record else self.uc.new_state()
             applied = dict(record["applied"]) if record else {}
+            changed = False
             for it in its:
-                src = f"{it.origin[0]}:{it.origin[1]}"
-                if applied.get(src, -1) >= it.origin[2]:
+                if applied.get(it.source, -1) >= it.origin[2]:
                     it.stage = "duplicate"  # already in the state: its output was delivered before
                     continue
                 try:
-                    new_state = self.uc.apply(state, it.value)
-                    it.features = self.uc.features(new_state, it.value)
+                    new_state = apply(state, it.value)
+                    it.features = features(new_state, it.value)
                 except Exception as exc:
                     it.fail("features", exc)
                     continue
                 state = it.state = new_state
-                applied[src] = it.origin[2]
-        return before
+                applied[it.source] = it.origin[2]
+                changed = True
+            folded[key] = [record, its, {"state": state, "applied": applied} if changed else None]
+        return folded
 
     async def _score(self, items: list[Item]) -> None:
         if not items:
@@ -255,7 +268,7 @@ class Processor:
             self._decode(it)
             if it.ok:
                 (forward if self._needs_forward(it) else local).append(it)
-        before = self._fold(local, generation)
+        folded = self._fold(local, generation)
         await self._score([it for it in local if it.ok and it.features is not None])
 
         now_ms = int(time.time() * 1000)
@@ -269,33 +282,34 @@ class Processor:
         await publish_until_acknowledged(self.app.producer, letters, self.policy,
                                          on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
 
-        await self._write_state(before, before, generation)
-        await self.table.confirm(self.policy, lambda keys: self._write_state(before, keys, generation))
+        clean = all(it.stage is None or it.stage == "duplicate" for it in local)
+        await self._write_state(folded, folded, generation, clean)
+        await self.table.confirm(self.policy, lambda keys: self._write_state(folded, keys, generation, clean))
         batch.ack()
         self._count(items, now_ms)
 
     def _new_record(self, record: dict | None, its: list[Item]) -> dict | None:
-        """The state after the delivered events of one key (None: nothing to write)."""
+        """The state after the delivered events of one key, refolded without those that failed."""
         delivered = [it for it in its if it.ok]
         if not delivered:
             return None
-        if all(it.ok or it.stage == "duplicate" for it in its):
-            state = delivered[-1].state  # common case: nothing failed, the fold stands
-        else:  # refold without the events that became dead letters
-            state = record["state"] if record else self.uc.new_state()
-            for it in delivered:
-                state = self.uc.apply(state, it.value)
+        state = record["state"] if record else self.uc.new_state()
+        for it in delivered:
+            state = self.uc.apply(state, it.value)
         applied = dict(record["applied"]) if record else {}
         for it in delivered:
-            applied[f"{it.origin[0]}:{it.origin[1]}"] = it.origin[2]
+            applied[it.source] = it.origin[2]
         return {"state": state, "applied": applied}
 
-    async def _write_state(self, before: dict, keys, generation) -> None:
-        """Write the new record of each of `keys` (all keys of the batch, or those to rewrite)."""
+    async def _write_state(self, folded: dict, keys, generation, clean: bool) -> None:
+        """Write the new record of each of `keys` (all keys of the batch, or those to rewrite).
+
+        `clean`: every event of the batch was delivered (or a duplicate), so the fold stands.
+        """
         rows = []
         for key in keys:
-            record, its = before[key]
-            new = self._new_record(record, its)
+            record, its, after = folded[key]
+            new = after if clean else self._new_record(record, its)
             if new is not None:
                 rows.append((its[-1].record.partition, key, new))
         await self.table.put_many(rows, generation)

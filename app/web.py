@@ -64,10 +64,9 @@ _recent: dict[str, OrderedDict] = {}
 def record_scores(pipeline_name: str, items: Iterable) -> None:
     """Remember the last RECENT_PER_KEY scores of the last RECENT_KEYS keys of a pipeline (in memory).
 
-    Called by the processor once per micro-batch with the events it scored and published. An item is
-    either a processor `Item` (attributes `key`, `score`, `value` = the decoded event, `reasons`) or
-    an output body dict (the key field, the id field, `score`, and optionally `event_ts`, `decision`,
-    `reasons`, `model_version`). Items without a score are ignored. Touches no metric.
+    Called by the processor once per micro-batch with the items it scored and published (attributes
+    `key`, `score`, `value` = the decoded event, `reasons`, `output` = the published body). Items
+    without a score are ignored. Touches no metric.
 
     Memory is bounded: least recently scored keys are dropped. The ring lives on the worker that scored
     the events, which is the owner of the key's partition, where user lookups are routed; after a
@@ -76,29 +75,23 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
     pipeline = pipelines.get(pipeline_name)
     if pipeline is None:
         return
-    uc = pipeline.usecase
+    id_field = pipeline.usecase.id_field
     ring = _recent.setdefault(pipeline_name, OrderedDict())
     version = pipeline.scorer.version if pipeline.scorer else None
+    now = int(time.time() * 1000)
     for it in items:
-        if isinstance(it, dict):
-            key, score = it.get(uc.key_field), it.get("score")
-            entry = {"event_id": it.get(uc.id_field), "score": score, "event_ts": it.get("event_ts"),
-                     "model_version": it.get("model_version", version)}
-            for extra in ("decision", "reasons"):
-                if it.get(extra) is not None:
-                    entry[extra] = it[extra]
-        else:
-            key, score, value = getattr(it, "key", None), getattr(it, "score", None), getattr(it, "value", None) or {}
-            entry = {"event_id": value.get(uc.id_field), "score": score, "event_ts": value.get("ts"),
-                     "model_version": version}
-            if "type" in value:
-                entry["type"] = value["type"]
-            if getattr(it, "reasons", None):
-                entry["reasons"] = it.reasons
+        key, score, value = it.key, it.score, it.value
         if key is None or score is None:
             continue
-        entry["score"] = float(score)
-        entry["recorded_at"] = int(time.time() * 1000)
+        entry = {"event_id": value.get(id_field), "score": float(score), "event_ts": value.get("ts"),
+                 "model_version": version, "recorded_at": now}
+        if "type" in value:
+            entry["type"] = value["type"]
+        if it.reasons:
+            entry["reasons"] = it.reasons
+        decision = it.output.get("decision") if it.output else None
+        if decision is not None:
+            entry["decision"] = decision
         scores = ring.get(key)
         if scores is None:
             scores = ring[key] = deque(maxlen=RECENT_PER_KEY)

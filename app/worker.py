@@ -1,6 +1,7 @@
 """The Faust app: settings in, topics, tables, processors and agents wired. Nothing else here."""
 from __future__ import annotations
 
+import gc
 import logging
 
 import faust
@@ -98,3 +99,11 @@ def _install_faults(*args, **kwargs) -> None:
 
 import agents  # noqa: E402,F401  (registers the agents on `app`)
 from app import web as _web  # noqa: E402,F401  (registers the web views)
+
+# The worker allocates millions of short-lived containers per second (events, states, outputs) and
+# holds large long-lived ones (the tables' recent records, the web view's rings). With CPython's
+# default thresholds (700, 10, 10) the cyclic collector ran about 270 times a second and took a third
+# of the worker's CPU, mostly re-scanning long-lived objects; none of the hot objects form cycles.
+# Startup objects (modules, the model) are frozen out of collection; collections are rarer.
+gc.freeze()
+gc.set_threshold(50_000, 20, 10)

@@ -9,11 +9,13 @@ single-process fold of the same events (`Flow.offline_states`). Timings are prin
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -187,6 +189,18 @@ def check_no_loss_and_state(broker, ws, events: list[dict], label: str) -> list[
     return out
 
 
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[\w+\] (.*)$", re.M)
+
+
+def first_log_time(worker, needle: str, after: float) -> float | None:
+    """Wall time of the first line of the worker's log containing `needle` logged after `after`."""
+    for stamp, text in LOG_LINE.findall(worker.log()):
+        t = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if t > after and needle in text:
+            return t
+    return None
+
+
 def start_all(workers, names, env) -> list:
     ws = [workers(n, env=env, start=False) for n in names]
     for w in ws:
@@ -267,6 +281,13 @@ def test_sigkilled_worker_partitions_resume_on_the_others_with_standbys(broker, 
     print(f"[failover] killed {victim.name} owning partitions {sorted(lost)}; "
           f"taken over by {', '.join(f'{n}={sorted(p)}' for n, p in taken.items())} "
           f"(from a warm standby: {from_standby})")
+    # The survivors' logs split it: the coordinator's verdict on the killed member (their heartbeat
+    # is told "rebalancing"), then rejoin, recovery of the taken-over partitions, ready.
+    noticed = [t for t in (first_log_time(s, "because it is rebalancing", t_kill) for s in survivors) if t]
+    ready = [t for t in (first_log_time(s, "Worker ready", t_kill) for s in survivors) if t]
+    if noticed and ready:
+        print(f"[failover] kill -> group rebalancing: {min(noticed) - t_kill:.1f}s "
+              f"(BROKER_SESSION_TIMEOUT=6s); -> survivors ready again: {max(ready) - t_kill:.1f}s")
     print(f"[failover] kill -> survivors own its partitions: {t_owned - t_kill:.1f}s; "
           f"kill -> first output on them: {first_output:.1f}s; "
           f"worst produce->score delay on them after the kill: {max(sent_after):.1f}s")

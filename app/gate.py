@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from aiokafka.partitioner import murmur2
@@ -33,25 +34,26 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling) / 1000.0
 
 
-@dataclass
 class Record:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers | None = None
-    owner: Any = None  # what the record belongs to (the source item), for the caller
-    partition: int | None = None  # None: by key, as the producer's default partitioner
-    attempts: int = 0
-    error: BaseException | None = field(default=None, repr=False)
+    """One record to publish, with what it belongs to and how its delivery went."""
+
+    __slots__ = ("topic", "key", "value", "headers", "owner", "partition", "attempts", "error")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None,
+                 owner: Any = None, partition: int | None = None) -> None:
+        self.topic, self.key, self.value, self.headers = topic, key, value, headers
+        self.owner = owner  # what the record belongs to (the source item), for the caller
+        self.partition = partition  # None: by key, as the producer's default partitioner
+        self.attempts = 0
+        self.error: BaseException | None = None
 
 
 async def send_batches(producer, records: list[Record]) -> list[tuple[asyncio.Future, list[Record]]]:
     """Queue `records` as aiokafka record batches, one per topic-partition (more if one fills up).
 
-    Per record this is an append to a C record builder instead of a full `send()` (metadata wait,
-    partitioner, accumulator, a future each). A record without `partition` goes where `send()`
-    would put it (Kafka's default partitioner: murmur2 of the key). Records of one partition keep
-    their order. Returns (delivery future, its records): a batch is delivered or fails as a whole.
+    A record without `partition` goes where `send()` would put it (Kafka's default partitioner:
+    murmur2 of the key). Records of one partition keep their order. Returns (delivery future, its
+    records): a batch is delivered or fails as a whole.
     """
     kafka = producer._ensure_producer()  # the AIOKafkaProducer under Faust's producer
     by_tp: dict[tuple[str, int], list[Record]] = {}
@@ -73,23 +75,43 @@ async def send_batches(producer, records: list[Record]) -> list[tuple[asyncio.Fu
         by_tp.setdefault((r.topic, partition), []).append(r)
     sent = [(failed_future(partitions[topic]), rs) for topic, rs in unsendable.items()]
     for (topic, partition), rs in by_tp.items():
-        batch, members = kafka.create_batch(), []
-        for r in rs:
-            if members and batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers) is None:
-                sent.append((await _submit(producer, topic, partition, batch), members))
-                batch, members = kafka.create_batch(), []
-            if not members:
-                batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
-            members.append(r)
+        sent += await send_partition(producer, topic, partition, [(r.key, r.value, r.headers, r) for r in rs])
+    return sent
+
+
+async def send_partition(producer, topic: str, partition: int, entries: list[tuple]) -> list[tuple]:
+    """Queue (key, value, headers, member) entries on one partition as record batches, in order.
+
+    Per record this is an append to aiokafka's C record builder instead of a full `send()`
+    (metadata wait, partitioner, accumulator, a future each). Returns (delivery future, members
+    of that batch) per batch.
+    """
+    kafka = producer._ensure_producer()
+    sent = []
+    batch, members = kafka.create_batch(), []
+    for key, value, headers, member in entries:
+        if members and batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            sent.append((await _submit(producer, topic, partition, batch), members))
+            batch, members = kafka.create_batch(), []
+        if not members:
+            batch.append(key=key, value=value, timestamp=None, headers=headers)
+        members.append(member)
+    if members:
         sent.append((await _submit(producer, topic, partition, batch), members))
     return sent
+
+
+@lru_cache(maxsize=1 << 16)
+def key_hash(key: bytes) -> int:
+    """Kafka's default partitioner hash (murmur2, positive), cached: the same keys recur all the time."""
+    return murmur2(key) & 0x7FFFFFFF
 
 
 def _default_partition(key: bytes | None, partitions: list[int]) -> int:
     # aiokafka's DefaultPartitioner (Kafka's): murmur2 of the key; no key, any partition
     if key is None:
         return random.choice(partitions)
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[key_hash(key) % len(partitions)]
 
 
 async def submit_batch(producer, topic: str, partition: int, batch) -> asyncio.Future:

@@ -19,17 +19,16 @@ import logging
 import time
 from collections import Counter, defaultdict
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 import orjson
-
-from aiokafka.partitioner import murmur2
 
 from app import metrics
 from app.codec import decode
 from app.errors import Poison, is_transient
 from app.faults import Faults
-from app.gate import Record, RetryPolicy, publish, publish_until_acknowledged
+from app.gate import Record, RetryPolicy, key_hash, publish, publish_until_acknowledged
 from app.scorer import Scorer
 from app.usecases import UseCase
 
@@ -114,13 +113,8 @@ class Processor:
         self.faults = faults
         self.max_event_bytes = max_event_bytes
         self.partitions = app.conf.topic_partitions
-        self.partition_of = lru_cache(maxsize=1 << 16)(self._partition_of)
         self.m = metrics.for_pipeline(usecase.name)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
-
-    def _partition_of(self, key: bytes) -> int:
-        # Kafka's default partitioner (murmur2), as the producer uses for the repartition hop.
-        return (murmur2(key) & 0x7FFFFFFF) % self.partitions
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -139,7 +133,7 @@ class Processor:
         if msg.topic == self.repartition_topic:
             return False
         key = item.key.encode()
-        return msg.key != key or msg.partition != self.partition_of(key)
+        return msg.key != key or msg.partition != key_hash(key) % self.partitions
 
     def _fold(self, items: list[Item], generation) -> dict[str, list]:
         """Apply events to state per key, in arrival order.
@@ -184,7 +178,9 @@ class Processor:
         if not items:
             return
         t0 = time.perf_counter()
-        rows = np.array([it.features for it in items], dtype=np.float64)
+        width = len(self.uc.feature_names)
+        rows = np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
+                           count=len(items) * width).reshape(len(items), width)
         for attempt in range(1, self.policy.attempts + 1):
             try:
                 self.faults.check_score(self.uc.name)

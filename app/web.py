@@ -66,7 +66,8 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
 
     Called by the processor once per micro-batch with the items it scored and published (attributes
     `key`, `score`, `value` = the decoded event, `reasons`, `output` = the published body). Items
-    without a score are ignored. Touches no metric.
+    without a score are ignored. Touches no metric. Entries are kept as tuples (one small object per
+    event on the hot path) and become dicts when looked up.
 
     Memory is bounded: least recently scored keys are dropped. The ring lives on the worker that scored
     the events, which is the owner of the key's partition, where user lookups are routed; after a
@@ -83,15 +84,6 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
         key, score, value = it.key, it.score, it.value
         if key is None or score is None:
             continue
-        entry = {"event_id": value.get(id_field), "score": float(score), "event_ts": value.get("ts"),
-                 "model_version": version, "recorded_at": now}
-        if "type" in value:
-            entry["type"] = value["type"]
-        if it.reasons:
-            entry["reasons"] = it.reasons
-        decision = it.output.get("decision") if it.output else None
-        if decision is not None:
-            entry["decision"] = decision
         scores = ring.get(key)
         if scores is None:
             scores = ring[key] = deque(maxlen=RECENT_PER_KEY)
@@ -99,7 +91,20 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
                 ring.popitem(last=False)
         else:
             ring.move_to_end(key)
-        scores.append(entry)
+        scores.append((value, float(score), it.reasons, it.output.get("decision") if it.output else None,
+                       version, now, id_field))
+
+
+def _score_entry(value: dict, score: float, reasons, decision, version, recorded_at: int, id_field: str) -> dict:
+    entry = {"event_id": value.get(id_field), "score": score, "event_ts": value.get("ts"),
+             "model_version": version, "recorded_at": recorded_at}
+    if "type" in value:
+        entry["type"] = value["type"]
+    if reasons:
+        entry["reasons"] = reasons
+    if decision is not None:
+        entry["decision"] = decision
+    return entry
 
 
 # Without a circular import (app.web imports the worker, which imports the processor): a processor
@@ -112,7 +117,7 @@ for _name, _pipeline in pipelines.items():
 def recent_scores(pipeline_name: str, key: str) -> list[dict]:
     """Newest first."""
     scores = _recent.get(pipeline_name, {}).get(key)
-    return list(reversed(scores)) if scores else []
+    return [_score_entry(*entry) for entry in reversed(scores)] if scores else []
 
 
 # -- errors, auth and the root redirect: one middleware over every route --------------------------

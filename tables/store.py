@@ -23,7 +23,7 @@ import orjson
 import rocksdict
 from faust.types import TP
 
-from app.gate import Record, RetryPolicy, exception_of, send_batches, settle
+from app.gate import RetryPolicy, exception_of, send_partition, settle
 
 
 # Decoded records kept per table (about 1-2 KB each): the working set of active keys.
@@ -33,8 +33,8 @@ RECENT_MAX = 200_000
 class GatedTable(faust.Table):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # changelog records not yet confirmed: (delivery future, the records it covers)
-        self.unconfirmed: list[tuple[asyncio.Future, list[Record]]] = []
+        # changelog record batches not yet confirmed: (delivery future, topic-partition, keys)
+        self.unconfirmed: list[tuple[asyncio.Future, TP, list[bytes]]] = []
         # key -> (consumer generation, record) of what put_many wrote: see read_many
         self.recent: dict[str, tuple[object, dict]] = {}
         self.recent_max = RECENT_MAX
@@ -72,24 +72,26 @@ class GatedTable(faust.Table):
         The records must not be mutated afterwards: they are kept as the keys' recent values for
         reads in the same consumer generation.
         """
-        store = self.data
-        topic = self.changelog_topic.get_topic_name()
         recent = self.recent
         if len(recent) + len(rows) > self.recent_max:
             recent.clear()  # bounded memory; the next reads come from RocksDB
-        batches: dict = {}
-        records = []
+        by_partition: dict[int, list] = {}
         for partition, key, value in rows:
-            k, v = key.encode(), orjson.dumps(value)
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
-            batch.put(k, v)
             recent[key] = (generation, value)
-            records.append(Record(topic, k, v, partition=partition))
-        for partition, batch in batches.items():
-            store._db_for_partition(partition).write(batch)
-        self.unconfirmed += await send_batches(self.app.producer, records)
+            k = key.encode()
+            entries = by_partition.get(partition)
+            if entries is None:
+                entries = by_partition[partition] = []
+            entries.append((k, orjson.dumps(value), None, k))
+        topic = self.changelog_topic.get_topic_name()
+        for partition, entries in by_partition.items():
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for k, v, _, _ in entries:
+                batch.put(k, v)
+            self.data._db_for_partition(partition).write(batch)
+            tp = TP(topic, partition)
+            self.unconfirmed += [(fut, tp, keys) for fut, keys in
+                                 await send_partition(self.app.producer, topic, partition, entries)]
 
     async def confirm(self, policy: RetryPolicy, rewrite) -> None:
         """Await the changelog deliveries; on failure rewrite the keys (the value is the whole state).
@@ -101,14 +103,13 @@ class GatedTable(faust.Table):
         attempt = 0
         while self.unconfirmed:
             pending, self.unconfirmed = self.unconfirmed, []
-            await settle([fut for fut, _ in pending])
+            await settle([fut for fut, _, _ in pending])
             failed, delivered = [], {}
-            for fut, records in pending:
+            for fut, tp, keys in pending:
                 if exception_of(fut) is not None:
-                    failed += [_text(r.key) for r in records]
+                    failed += [k.decode() for k in keys]
                     continue
-                last = fut.result().offset + len(records) - 1  # a batch reports its first offset
-                tp = TP(records[0].topic, records[0].partition)
+                last = fut.result().offset + len(keys) - 1  # a batch reports its first offset
                 delivered[tp] = max(last, delivered.get(tp, -1))
             for tp, offset in delivered.items():
                 self.data.set_persisted_offset(tp, offset)
@@ -118,10 +119,6 @@ class GatedTable(faust.Table):
                 result = rewrite(failed)
                 if inspect.isawaitable(result):
                     await result
-
-
-def _text(key) -> str:
-    return key.decode() if isinstance(key, bytes) else key
 
 
 def declare(app: faust.App, name: str, help: str) -> GatedTable:

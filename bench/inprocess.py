@@ -1,0 +1,125 @@
+"""The processor alone, in one process: CPU per event of a micro-batch, without broker or network.
+
+  python -m bench.inprocess [--events 100000] [--users 10000] [--batch 2000] [--profile]
+
+The real `Processor` and `GatedTable` (RocksDB in a temporary directory) of the worker's app run
+over pre-encoded cart events keyed by user, in batches as the intake hands them over; only the
+Kafka producer is replaced by one that builds the same aiokafka record batches and acknowledges them
+at once. So this measures decode, fold, features, predict, output and state encoding, the commit
+gate's bookkeeping, RocksDB writes and metrics: what the worker spends per event besides Faust's
+consumer and the broker. Numbers are steady-state (a first pass warms the table): CPU time, best
+of five passes.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections import namedtuple
+from types import SimpleNamespace
+
+import orjson
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+ConsumerRecord = namedtuple("ConsumerRecord", "topic partition offset key value headers")
+
+
+class AckingProducer:
+    """What the gate needs of aiokafka's producer; every batch is acknowledged immediately."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = set(range(partitions))
+        self.offsets: dict = {}
+
+    def _ensure_producer(self):
+        return self
+
+    def create_batch(self):
+        return BatchBuilder(512 * 1024, 0)
+
+    async def partitions_for(self, topic):
+        return self.partitions
+
+    async def send_batch(self, batch, topic, partition):
+        fut = asyncio.get_running_loop().create_future()
+        base = self.offsets.get((topic, partition), 0)
+        self.offsets[(topic, partition)] = base + batch.record_count()
+        fut.set_result(SimpleNamespace(offset=base))
+        return fut
+
+
+class FakeBatch:
+    def __init__(self, records, generation) -> None:
+        self.records, self.generation, self.acked = records, generation, False
+
+    def ack(self) -> None:
+        self.acked = True
+
+
+def records(n: int, users: int, partitions: int) -> list[ConsumerRecord]:
+    from aiokafka.partitioner import murmur2
+    from bench.common import cart_events
+
+    out, offsets = [], [0] * partitions
+    for e in cart_events(n, users, 1, "e"):
+        key = e["user_id"].encode()
+        p = (murmur2(key) & 0x7FFFFFFF) % partitions
+        out.append(ConsumerRecord("cart_events", p, offsets[p], key, orjson.dumps(e), []))
+        offsets[p] += 1
+    return out
+
+
+async def run(args) -> None:
+    os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="bench-inprocess-"))
+    from app import gate
+    from app.worker import app, pipelines
+
+    producer = AckingProducer(app.conf.topic_partitions)
+    gate.submit_batch = lambda _p, topic, partition, batch: producer.send_batch(batch, topic, partition)
+    app.producer._ensure_producer = producer._ensure_producer
+    processor = pipelines["cart"].processor
+    data = records(args.events, args.users, app.conf.topic_partitions)
+
+    async def once(n: int, generation=1) -> float:
+        # the same events again at later offsets: new to the state, as a stream that goes on
+        shift = n * len(data)
+        shifted = [r._replace(offset=r.offset + shift) for r in data]
+        batches = [shifted[i:i + args.batch] for i in range(0, len(shifted), args.batch)]
+        t0 = time.process_time()  # CPU time: steadier than wall time on a shared machine
+        for b in batches:
+            batch = FakeBatch(b, generation)
+            await processor.handle(batch)
+            assert batch.acked
+        return time.process_time() - t0
+
+    await once(0)  # warm: every user has a state record afterwards
+    assert processor.m.scored._value.get() == args.events, processor.m.scored._value.get()
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        await once(1)
+        prof.disable()
+        sort = os.environ.get("SORT", "tottime")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(sort).print_stats(40)
+        return
+    best = min([await once(n) for n in range(1, 6)])
+    print(f"processor alone: {args.events} events in batches of {args.batch}: "
+          f"{best / args.events * 1e6:.2f} us/event, {args.events / best:,.0f} events/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--profile", action="store_true", help="cProfile of one pass, by own time")
+    asyncio.run(run(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -194,8 +194,9 @@ class OffsetGuard:
                 run += 1
             await self._rewind(tp, records[run - 1].offset + 1, records[run].offset)
             records = records[:run]
+        else:
+            self.rewinding.pop(tp, None)
         self.expected[tp] = records[-1].offset + 1
-        self.rewinding.pop(tp, None)
         return records
 
     async def _rewind(self, tp, expected: int, found: int) -> None:

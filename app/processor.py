@@ -43,6 +43,9 @@ ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
 REPLAY_HEADERS = ("replay.count", "replay.of")
 
 
+_NO_HEADERS: dict = {}  # shared, read only
+
+
 @lru_cache(maxsize=4096)
 def _source_name(topic: str, partition: int) -> str:
     """Key of a source partition in a state record's `applied` map."""
@@ -57,7 +60,7 @@ class Item:
 
     def __init__(self, record) -> None:
         self.record = msg = record
-        self.headers = dict(msg.headers) if msg.headers else {}
+        self.headers = dict(msg.headers) if msg.headers else _NO_HEADERS
         if ORIGIN[0] in self.headers:
             self.origin = (self.headers[ORIGIN[0]].decode(), int(self.headers[ORIGIN[1]]),
                            int(self.headers[ORIGIN[2]]))
@@ -116,6 +119,10 @@ class Processor:
         self.m = metrics.for_pipeline(usecase.name)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
 
+    def partition_of(self, key: bytes) -> int:
+        """The key's partition: Kafka's default partitioner, as the producer uses for the repartition hop."""
+        return key_hash(key) % self.partitions
+
     # -- stages ---------------------------------------------------------------------------------
 
     def _decode(self, item: Item) -> None:
@@ -133,7 +140,7 @@ class Processor:
         if msg.topic == self.repartition_topic:
             return False
         key = item.key.encode()
-        return msg.key != key or msg.partition != key_hash(key) % self.partitions
+        return msg.key != key or msg.partition != self.partition_of(key)
 
     def _fold(self, items: list[Item], generation) -> dict[str, list]:
         """Apply events to state per key, in arrival order.

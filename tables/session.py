@@ -91,7 +91,7 @@ def _start_session(state: dict, user_id: str, ts: int) -> None:
 
 def apply(state: dict, event: dict, session_gap_s: float) -> dict:
     """Return the state after `event` (validated cart event dict). `state` is not modified."""
-    s = {**state, "categories": list(state["categories"]), "activity": list(state["activity"])}
+    s = {**state}  # lists are replaced, never mutated, so the copy can share them
     last = s["last_ts"]
     ts = event["ts"] if last is None else max(event["ts"], last)
     if last is None or (ts - last) / 1000.0 > session_gap_s:
@@ -122,7 +122,7 @@ def apply(state: dict, event: dict, session_gap_s: float) -> dict:
         s["cart_value"] = 0.0
     category = event.get("category")
     if category and category not in s["categories"] and len(s["categories"]) < MAX_CATEGORIES:
-        s["categories"].append(category)
+        s["categories"] = [*s["categories"], category]
     return s
 
 

@@ -1,0 +1,115 @@
+"""Unit tests of app/intake.py: the sink's bounds, the offset guard, and a batch's ack in Faust's books.
+
+The integration tests (cart, fraud, failure semantics, scale-out) run the intake inside real workers;
+these pin down its edge cases without a broker.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, namedtuple
+from weakref import WeakSet
+
+from faust.types import TP
+
+from app.intake import Batch, OffsetGuard, RecordSink
+
+Rec = namedtuple("Rec", "offset")
+A, B = TP("events", 0), TP("events", 1)
+
+
+def recs(first: int, last: int) -> list:
+    return [Rec(o) for o in range(first, last + 1)]
+
+
+class FakeConsumer:
+    """The parts of Faust's Consumer that the intake reads and writes."""
+
+    def __init__(self, committed: dict | None = None) -> None:
+        self.flow_active = True
+        self._committed_offset = defaultdict(lambda: None, committed or {})
+        self._acked = defaultdict(list)
+        self._acked_index = defaultdict(set)
+        self._n_acked = 0
+        self._unacked_messages = WeakSet()
+        self._waiting_for_ack = None
+        self.app = type("App", (), {"topics": type("Topics", (), {"acks_enabled_for": staticmethod(lambda t: True)})()})()
+        self.seeks: list = []
+
+    async def seek(self, tp, offset) -> None:
+        self.seeks.append((tp, offset))
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def test_sink_takes_what_is_there_up_to_max_and_splits_a_long_chunk():
+    async def main():
+        sink, consumer = RecordSink(capacity=100), FakeConsumer()
+        await sink.put(consumer, A, recs(0, 6))
+        await sink.put(consumer, B, recs(0, 2))
+        first = await sink.take(5)
+        assert [(tp, [r.offset for r in rs]) for tp, rs in first] == [(A, [0, 1, 2, 3, 4])]
+        rest = await sink.take(5)
+        assert [(tp, [r.offset for r in rs]) for tp, rs in rest] == [(A, [5, 6]), (B, [0, 1, 2])]
+        assert sink.size == 0
+    run(main())
+
+
+def test_a_full_sink_holds_the_fetcher_until_there_is_room():
+    async def main():
+        sink, consumer = RecordSink(capacity=3), FakeConsumer()
+        await sink.put(consumer, A, recs(0, 2))
+        blocked = asyncio.ensure_future(sink.put(consumer, A, recs(3, 4)))
+        await asyncio.sleep(0.01)
+        assert not blocked.done(), "a full sink blocks the put"
+        await sink.take(10)
+        await asyncio.wait_for(blocked, 1)
+        assert [r.offset for _, rs in await sink.take(10) for r in rs] == [3, 4]
+    run(main())
+
+
+def test_a_rebalance_clears_the_sink_and_drops_a_blocked_put():
+    async def main():
+        sink, consumer = RecordSink(capacity=3), FakeConsumer()
+        await sink.put(consumer, A, recs(0, 2))
+        blocked = asyncio.ensure_future(sink.put(consumer, A, recs(3, 4)))
+        await asyncio.sleep(0.01)
+        consumer.flow_active = False  # Faust: stop_flow, then flow_control.clear() clears the sink
+        sink.clear()
+        await asyncio.wait_for(blocked, 1)
+        assert sink.size == 0 and not sink.chunks, "records fetched before the rebalance are not kept"
+    run(main())
+
+
+def test_guard_skips_records_seen_before_and_rewinds_over_a_hole():
+    async def main():
+        consumer = FakeConsumer({A: 10})
+        guard = OffsetGuard(consumer)
+        guard.on_generation(1)
+        assert [r.offset for r in await guard.admit(A, recs(8, 12))] == [10, 11, 12], "below committed: done"
+        assert await guard.admit(A, recs(15, 16)) == [], "13..14 missing: nothing past the hole"
+        assert consumer.seeks == [(A, 13)]
+        assert await guard.admit(A, recs(15, 16)) == [] and consumer.seeks == [(A, 13)], "one seek a second"
+        assert [r.offset for r in await guard.admit(A, recs(13, 16))] == [13, 14, 15, 16]
+        # a hole inside one fetched list: the run before it is admitted, the rest fetched again
+        got = await guard.admit(A, [Rec(17), Rec(18), Rec(20)])
+        assert [r.offset for r in got] == [17, 18] and consumer.seeks[-1] == (A, 19)
+        # a new generation starts again from the committed offsets
+        consumer._committed_offset[A] = 5
+        guard.on_generation(2)
+        assert [r.offset for r in await guard.admit(A, recs(5, 6))] == [5, 6]
+    run(main())
+
+
+def test_batch_is_unacked_until_acked_then_every_offset_is_in_fausts_books():
+    consumer = FakeConsumer({A: 3})
+    batch = Batch(consumer, 1, [(A, recs(1, 5)), (B, recs(0, 1))])
+    assert [r.offset for r in batch.records] == [1, 2, 3, 4, 5, 0, 1]
+    assert batch in consumer._unacked_messages, "a rebalance waits for the batch in flight"
+    batch.ack()
+    batch.ack()  # idempotent
+    assert batch not in consumer._unacked_messages and batch.acked
+    assert sorted(consumer._acked[A]) == [3, 4, 5], "offsets below the committed one are not acked again"
+    assert sorted(consumer._acked[B]) == [0, 1]
+    assert consumer._n_acked == 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from app import intake
+from app import collector, intake
 from app.settings import settings
 from app.worker import app, pipelines
 
@@ -27,6 +27,7 @@ def _agent_for(pipeline):
                 log.critical("unexpected error in %s pipeline; exiting so the batch is replayed",
                              pipeline.usecase.name, exc_info=True)
                 os._exit(70)
+            collector.between_batches()
 
     score.__name__ = score.__qualname__ = f"score_{pipeline.usecase.name}"
     return app.agent(pipeline.input, name=f"score_{pipeline.usecase.name}")(score)

@@ -1,12 +1,11 @@
 """The Faust app: settings in, topics, tables, processors and agents wired. Nothing else here."""
 from __future__ import annotations
 
-import gc
 import logging
 
 import faust
 
-from app import faust_patches, intake
+from app import collector, faust_patches, intake
 from app.faults import Faults, install_publish_faults
 from app.gate import RetryPolicy
 from app.processor import DEAD_LETTER_TOPIC, Processor
@@ -100,10 +99,4 @@ def _install_faults(*args, **kwargs) -> None:
 import agents  # noqa: E402,F401  (registers the agents on `app`)
 from app import web as _web  # noqa: E402,F401  (registers the web views)
 
-# The worker allocates millions of short-lived containers per second (events, states, outputs) and
-# holds large long-lived ones (the tables' recent records, the web view's rings). With CPython's
-# default thresholds (700, 10, 10) the cyclic collector ran about 270 times a second and took a third
-# of the worker's CPU, mostly re-scanning long-lived objects; none of the hot objects form cycles.
-# Startup objects (modules, the model) are frozen out of collection; collections are rarer.
-gc.freeze()
-gc.set_threshold(50_000, 20, 10)
+collector.install()

@@ -35,6 +35,8 @@ def test_one_score_per_event_with_offline_features_and_predictions(broker, worke
     expected = scorer.predict(offline)
     got = np.array([by_id[e["event_id"]]["score"] for e in events])
     assert np.array_equal(got, expected)
+    # the compiled trees the worker scores with are LightGBM's model (training evaluated that one)
+    assert np.allclose(got, scorer.booster.predict(offline), rtol=0, atol=1e-12)
 
     for e in events:
         o = by_id[e["event_id"]]

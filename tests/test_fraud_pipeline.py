@@ -44,9 +44,11 @@ def check_against_offline(txns: list[dict], by_id: dict[str, dict]) -> Scorer:
     online = np.array([by_id[t["txn_id"]]["features"] for t in txns])
     assert np.array_equal(online, offline), "worker features differ from the training code path"
     scorer = Scorer(MODEL_DIR / "fraud", FRAUD.feature_names)
-    expected = scorer.booster.predict(offline)
+    expected = scorer.predict(offline)
     got = np.array([by_id[t["txn_id"]]["score"] for t in txns])
     assert np.array_equal(got, expected), "worker scores differ from the offline model's predictions"
+    # the compiled trees the worker scores with are LightGBM's model (training evaluated that one)
+    assert np.allclose(got, scorer.booster.predict(offline), rtol=0, atol=1e-12)
     return scorer
 
 

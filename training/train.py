@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from app.codec import decode
+from app.scorer import compiled
 from app.usecases import UseCase
 
 SEED = 7
@@ -98,4 +99,7 @@ def write_model(model_dir: Path, booster: lgb.Booster, meta: dict) -> dict:
     meta = {"version": hashlib.sha256(text.encode()).hexdigest()[:12], **meta}
     (model_dir / "model.txt").write_text(text)
     (model_dir / "meta.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+    for stale in model_dir.glob("model.*.so"):  # compiled earlier models
+        stale.unlink()
+    compiled(model_dir / "model.txt")  # now, so that workers start without compiling
     return meta

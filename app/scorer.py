@@ -70,8 +70,11 @@ def compiled(model_file: Path) -> lleaves.Model:
                                  f"{llvm.get_host_cpu_name()}.so")
     if cache.exists():
         model.compile(cache=str(cache))
-    else:
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+        return model
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+    try:
         model.compile(cache=str(partial))
         os.replace(partial, cache)
+    except OSError:  # a read-only model directory (an image built on another CPU): compile in memory
+        model.compile()
     return model

@@ -174,7 +174,8 @@ async def latency_at_rates(bootstrap: str, in_topic: str, reader: Reader, rates,
 
 
 def scorer_microbench() -> dict:
-    """LightGBM predict per row: one row per call vs batches of 500, on realistic feature rows."""
+    """Predict per row, one row per call vs batches of 500, on realistic feature rows: the worker's
+    compiled trees (`Scorer.predict`, lleaves) and LightGBM's own `Booster.predict`."""
     import numpy as np
 
     from app.scorer import Scorer
@@ -184,17 +185,25 @@ def scorer_microbench() -> dict:
     events = cart_events(5000, 500, 3, "s")
     rows = replay(CART, events)
     scorer = Scorer(MODEL_DIR / "cart", CART.feature_names)
-    scorer.predict(rows[:500])
-    t0 = time.perf_counter()
-    for i in range(2000):
-        scorer.predict(rows[i:i + 1])
-    single = (time.perf_counter() - t0) / 2000
-    t0 = time.perf_counter()
-    for i in range(0, 5000, 500):
-        scorer.predict(rows[i:i + 500])
-    batch = (time.perf_counter() - t0) / 5000
+
+    def per_row(predict) -> tuple[float, float]:
+        predict(rows[:500])
+        t0 = time.perf_counter()
+        for i in range(2000):
+            predict(rows[i:i + 1])
+        single = (time.perf_counter() - t0) / 2000
+        t0 = time.perf_counter()
+        for i in range(0, 5000, 500):
+            predict(rows[i:i + 500])
+        return single, (time.perf_counter() - t0) / 5000
+
+    single, batch = per_row(scorer.predict)
+    lgb_single, lgb_batch = per_row(lambda x: scorer.booster.predict(x, num_threads=1))
     assert np.array_equal(scorer.predict(rows[:500]), np.concatenate([scorer.predict(rows[i:i + 1]) for i in range(500)]))
-    return {"single_row_us": round(single * 1e6, 1), "batch500_per_row_us": round(batch * 1e6, 2)}
+    assert np.allclose(scorer.predict(rows), scorer.booster.predict(rows), rtol=0, atol=1e-12)
+    return {"single_row_us": round(single * 1e6, 1), "batch500_per_row_us": round(batch * 1e6, 2),
+            "lightgbm_single_row_us": round(lgb_single * 1e6, 1),
+            "lightgbm_batch500_per_row_us": round(lgb_batch * 1e6, 2)}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -385,10 +394,13 @@ def table(r: dict) -> str:
     mem = r["worker_memory_mib"]
     lines.append(f"| worker peak memory (VmHWM), MiB | {mem.get('VmHWM')} | | |")
     s = r["scoring"]
-    lines.append(f"| LightGBM predict, us per event: worker (mean batch {s['worker_mean_batch_drain']}) | "
+    lines.append(f"| predict, us per event: worker (mean batch {s['worker_mean_batch_drain']}) | "
                  f"{s['worker_predict_us_per_event_drain']} | | |")
-    lines.append(f"| LightGBM predict, us per row: 1 row per call / batches of 500 | "
+    lines.append(f"| predict, us per row, 1 row per call / batches of 500: compiled (lleaves) | "
                  f"{s['single_row_us']} / {s['batch500_per_row_us']} | | |")
+    if "lightgbm_single_row_us" in s:
+        lines.append(f"| predict, us per row, 1 row per call / batches of 500: LightGBM Booster.predict | "
+                     f"{s['lightgbm_single_row_us']} / {s['lightgbm_batch500_per_row_us']} | | |")
     return "\n".join(lines)
 
 

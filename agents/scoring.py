@@ -16,17 +16,22 @@ from app.worker import app, pipelines
 log = logging.getLogger(__name__)
 
 
+def _exit(pipeline, exc: BaseException) -> None:
+    log.critical("unexpected error in %s pipeline; exiting so the batch is replayed",
+                 pipeline.usecase.name, exc_info=exc)
+    os._exit(70)
+
+
 def _agent_for(pipeline):
     sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max)
+    pipeline.processor.on_failure = lambda exc: _exit(pipeline, exc)
 
     async def score(stream):
         async for batch in intake.batches(stream, sink, settings.batch_max):
             try:
                 await pipeline.processor.handle(batch)
-            except Exception:
-                log.critical("unexpected error in %s pipeline; exiting so the batch is replayed",
-                             pipeline.usecase.name, exc_info=True)
-                os._exit(70)
+            except Exception as exc:
+                _exit(pipeline, exc)
             collector.between_batches()
 
     score.__name__ = score.__qualname__ = f"score_{pipeline.usecase.name}"

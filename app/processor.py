@@ -11,6 +11,12 @@ been delivered in step 1. So state is never double-counted and no event goes wit
 
 An event contributes to state only if its output was delivered; a dead-lettered event does not,
 so replaying its dead letter later applies it exactly once.
+
+Batches overlap by one step: while the changelog delivery of batch N is awaited (step 2), batch N+1
+is decoded, scored and its outputs published (step 1, which reads N's state from the local store).
+N+1's state is written only once N's is confirmed and N acked, so the order of effects per batch,
+the order of state writes, and the rewrite of a failed changelog delivery are as without overlap;
+the broker round trip of the changelog just leaves the path from fetch to score.
 """
 from __future__ import annotations
 
@@ -118,6 +124,8 @@ class Processor:
         self.partitions = app.conf.topic_partitions
         self.m = metrics.for_pipeline(usecase.name)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
+        self.on_failure = None  # set by the agent: an unexpected error while confirming a batch
+        self._confirming: asyncio.Future | None = None  # the last batch's confirmation and ack
 
     def partition_of(self, key: bytes) -> int:
         """The key's partition: Kafka's default partitioner, as the producer uses for the repartition hop."""
@@ -285,11 +293,26 @@ class Processor:
         await publish_until_acknowledged(self.app.producer, letters, self.policy,
                                          on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
 
+        self._count(items, now_ms)
+
+        await self.drain()  # the previous batch's state confirmed and acked: the state writes stay in order
         clean = all(it.stage is None or it.stage == "duplicate" for it in local)
         await self._write_state(folded, folded, generation, clean)
+        self._confirming = asyncio.ensure_future(self._confirm(batch, folded, generation, clean))
+        self._confirming.add_done_callback(self._confirmed)
+
+    async def _confirm(self, batch, folded: dict, generation, clean: bool) -> None:
         await self.table.confirm(self.policy, lambda keys: self._write_state(folded, keys, generation, clean))
         batch.ack()
-        self._count(items, now_ms)
+
+    def _confirmed(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
+            self.on_failure(task.exception())
+
+    async def drain(self) -> None:
+        """Wait until the last batch handed to `handle` is confirmed and acked."""
+        if self._confirming is not None:
+            await self._confirming
 
     def _new_record(self, record: dict | None, its: list[Item]) -> dict | None:
         """The state after the delivered events of one key, refolded without those that failed."""

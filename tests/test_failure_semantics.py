@@ -152,6 +152,40 @@ def test_failed_publish_holds_the_offset_until_the_output_is_acknowledged(flow: 
     assert worker.alive()
 
 
+def test_failed_changelog_write_holds_the_offset_until_the_state_is_acknowledged(broker, workers, tmp_path):
+    """The state's changelog, not the output, fails: outputs go out, offsets stay, the state is rewritten."""
+    flow = FLOWS["cart"]
+    faults = tmp_path / "faults"
+    workers("w1", env={"FAULT_FILE": str(faults), "RETRY_BASE_MS": "50", "RETRY_MAX_MS": "200",
+                       "COMMIT_INTERVAL_S": "0.5"})
+    warmup = flow.valid(2, 34)[:10]
+    produce_events(broker, flow.source, warmup, flow.key)
+    read_json(broker, flow.output, len(warmup), key=flow.id)
+    deadline = time.monotonic() + 20
+    while _committed_total(broker, "scoring", flow.source) < len(warmup) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _committed_total(broker, "scoring", flow.source) == len(warmup)
+
+    fault(faults, f"publish:{flow.changelog()}")
+    held = flow.valid(2, 35)[:10]
+    produce_events(broker, flow.source, held, flow.key)
+    scores = read_json(broker, flow.output, len(warmup) + len(held), key=flow.id)
+    assert {e[flow.id] for e in held} <= {s[flow.id] for s in scores}, "outputs are published before the state"
+    time.sleep(3)  # several commit intervals pass while the changelog keeps failing
+    assert _committed_total(broker, "scoring", flow.source) == len(warmup), "offset committed before the state"
+
+    fault(faults)
+    deadline = time.monotonic() + 20
+    while _committed_total(broker, "scoring", flow.source) < len(warmup) + len(held) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _committed_total(broker, "scoring", flow.source) == len(warmup) + len(held)
+    latest = {}
+    for r in read_topic(broker, flow.changelog(), timeout=5):
+        latest[r.key.decode()] = orjson.loads(r.value)
+    expected = flow.offline_states(warmup + held)
+    assert {k: latest[k]["state"] for k in expected} == expected, "the rewritten state is the whole fold"
+
+
 @every_flow
 def test_publish_failure_past_the_budget_becomes_a_dead_letter(flow: Flow, broker, workers, tmp_path):
     faults = tmp_path / "faults"

@@ -56,13 +56,18 @@ def test_sink_takes_what_is_there_up_to_max_and_splits_a_long_chunk():
     run(main())
 
 
+async def full_sink_and_a_blocked_put():
+    sink, consumer = RecordSink(capacity=3), FakeConsumer()
+    await sink.put(consumer, A, recs(0, 2))
+    blocked = asyncio.ensure_future(sink.put(consumer, A, recs(3, 4)))
+    await asyncio.sleep(0.01)
+    assert not blocked.done(), "a full sink blocks the put"
+    return sink, consumer, blocked
+
+
 def test_a_full_sink_holds_the_fetcher_until_there_is_room():
     async def main():
-        sink, consumer = RecordSink(capacity=3), FakeConsumer()
-        await sink.put(consumer, A, recs(0, 2))
-        blocked = asyncio.ensure_future(sink.put(consumer, A, recs(3, 4)))
-        await asyncio.sleep(0.01)
-        assert not blocked.done(), "a full sink blocks the put"
+        sink, consumer, blocked = await full_sink_and_a_blocked_put()
         await sink.take(10)
         await asyncio.wait_for(blocked, 1)
         assert [r.offset for _, rs in await sink.take(10) for r in rs] == [3, 4]
@@ -71,10 +76,7 @@ def test_a_full_sink_holds_the_fetcher_until_there_is_room():
 
 def test_a_rebalance_clears_the_sink_and_drops_a_blocked_put():
     async def main():
-        sink, consumer = RecordSink(capacity=3), FakeConsumer()
-        await sink.put(consumer, A, recs(0, 2))
-        blocked = asyncio.ensure_future(sink.put(consumer, A, recs(3, 4)))
-        await asyncio.sleep(0.01)
+        sink, consumer, blocked = await full_sink_and_a_blocked_put()
         consumer.flow_active = False  # Faust: stop_flow, then flow_control.clear() clears the sink
         sink.clear()
         await asyncio.wait_for(blocked, 1)

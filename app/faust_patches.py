@@ -1,4 +1,4 @@
-"""Two narrow patches to Faust 0.15's aiokafka driver, each for a reason that cannot wait upstream.
+"""Three narrow patches to Faust 0.15's consumer, each for a reason that cannot wait upstream.
 
 1. Fetch wait as a setting. Faust hard-codes `fetch_max_wait_ms=1500` for the worker consumer.
    Real Kafka answers a fetch as soon as data arrives, so there it only bounds idle polling; Tansu
@@ -10,10 +10,10 @@
    the highwater"). Recovery's end offsets are therefore confirmed by reading past them; on a broker
    that reports them right this costs one empty fetch per recovery.
 
-3. Delivery without four tasks per record. The consumer hands every fetched record to the streams
-   with `wait_first(deliver(record), suspend_flow.wait())`, and `wait_first` creates four tasks
-   (plus stopped/crashed watchers) and an `asyncio.wait` per record: the largest per-event cost
-   left in a worker that batches its own work. Delivery (decode, put on the stream's queue) almost
+3. Delivery without four tasks per record. The consumer hands every fetched record it delivers
+   itself (the agents' topics go through `app.intake` instead; table changelogs for recovery and
+   standbys still come this way) with `wait_first(deliver(record), suspend_flow.wait())`, and
+   `wait_first` creates four tasks (plus stopped/crashed watchers) and an `asyncio.wait` per record. Delivery (decode, put on the stream's queue) almost
    always completes without suspending, so the patched `wait_first` first runs the delivery
    coroutine up to its first suspension; done there, it is the winner, exactly as it would have
    won the race. Only a delivery that really waits (queue full, flow suspended for a rebalance)

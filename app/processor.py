@@ -269,7 +269,8 @@ class Processor:
     # -- the batch ------------------------------------------------------------------------------
 
     async def handle(self, batch) -> None:
-        """Process an `app.intake.Batch` and ack it."""
+        """Process an `app.intake.Batch`. It is acked once its state is confirmed, which may be after
+        this returns (while the next batch is processed); `drain()` waits for that."""
         # the consumer generation the batch was taken in: state cached by the table is only
         # trusted within one generation
         generation = batch.generation

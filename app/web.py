@@ -76,7 +76,6 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
     pipeline = pipelines.get(pipeline_name)
     if pipeline is None:
         return
-    id_field = pipeline.usecase.id_field
     ring = _recent.setdefault(pipeline_name, OrderedDict())
     version = pipeline.scorer.version if pipeline.scorer else None
     now = int(time.time() * 1000)
@@ -92,10 +91,10 @@ def record_scores(pipeline_name: str, items: Iterable) -> None:
         else:
             ring.move_to_end(key)
         scores.append((value, float(score), it.reasons, it.output.get("decision") if it.output else None,
-                       version, now, id_field))
+                       version, now))
 
 
-def _score_entry(value: dict, score: float, reasons, decision, version, recorded_at: int, id_field: str) -> dict:
+def _score_entry(id_field: str, value: dict, score: float, reasons, decision, version, recorded_at: int) -> dict:
     entry = {"event_id": value.get(id_field), "score": score, "event_ts": value.get("ts"),
              "model_version": version, "recorded_at": recorded_at}
     if "type" in value:
@@ -117,7 +116,10 @@ for _name, _pipeline in pipelines.items():
 def recent_scores(pipeline_name: str, key: str) -> list[dict]:
     """Newest first."""
     scores = _recent.get(pipeline_name, {}).get(key)
-    return [_score_entry(*entry) for entry in reversed(scores)] if scores else []
+    if not scores:
+        return []
+    id_field = pipelines[pipeline_name].usecase.id_field
+    return [_score_entry(id_field, *entry) for entry in reversed(scores)]
 
 
 # -- errors, auth and the root redirect: one middleware over every route --------------------------

@@ -1,4 +1,4 @@
-"""Three narrow patches to Faust 0.15's consumer, each for a reason that cannot wait upstream.
+"""Four narrow patches to Faust 0.15, each for a reason that cannot wait upstream.
 
 1. Fetch wait as a setting. Faust hard-codes `fetch_max_wait_ms=1500` for the worker consumer.
    Real Kafka answers a fetch as soon as data arrives, so there it only bounds idle polling; Tansu
@@ -18,6 +18,14 @@
    coroutine up to its first suspension; done there, it is the winner, exactly as it would have
    won the race. Only a delivery that really waits (queue full, flow suspended for a rebalance)
    continues as a task under the original `wait_first`. (Python 3.12's eager tasks do the same.)
+
+4. Table stores without RocksDB's write-ahead log, as Kafka Streams runs them: the changelog topic
+   is what makes a table durable, so the WAL only doubled every write (about 1.2 us of 2 per key).
+   After a crash a store without WAL holds the state of its last memtable flush, a consistent
+   prefix of its writes in which the persisted changelog offset (written after the values it
+   covers, in the same database) is never ahead of the values; recovery reads the changelog from
+   there. Every write of these databases goes without the WAL, Faust's own recovery writes too: a
+   WAL-logged offset beside unlogged values could survive a crash that the values did not.
 """
 from __future__ import annotations
 
@@ -25,10 +33,13 @@ import inspect
 import types
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+import rocksdict
+from faust.stores import rocksdb as faust_rocksdb
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
 
+_open_store = faust_rocksdb.RocksDBOptions.open
 _Thread = faust_aiokafka.AIOKafkaConsumerThread
 _create_worker_consumer = _Thread._create_worker_consumer
 _highwaters = _Thread._highwaters
@@ -115,6 +126,14 @@ def install(fetch_wait_ms: int) -> None:
             return reported
         return await read_true_ends(self._ensure_consumer()._client._bootstrap_servers, reported)
 
+    def open_without_wal(self, path, *, read_only=False):
+        db = _open_store(self, path, read_only=read_only)
+        options = rocksdict.WriteOptions()
+        options.disable_wal = True
+        db.set_write_options(options)
+        return db
+
+    faust_rocksdb.RocksDBOptions.open = open_without_wal
     _Thread._create_worker_consumer = create_worker_consumer
     _Thread._highwaters = highwaters
     # Consumer.wait_first has one caller, the per-record delivery in Consumer._drain_messages.

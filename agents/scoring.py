@@ -27,12 +27,18 @@ def _agent_for(pipeline):
     pipeline.processor.on_failure = lambda exc: _exit(pipeline, exc)
 
     async def score(stream):
-        async for batch in intake.batches(stream, sink, settings.batch_max):
+        async for batch in intake.batches(stream, sink, settings.batch_max, on_idle=flush):
             try:
                 await pipeline.processor.handle(batch)
             except Exception as exc:
                 _exit(pipeline, exc)
             collector.between_batches()
+
+    async def flush():
+        try:
+            await pipeline.processor.flush()
+        except Exception as exc:
+            _exit(pipeline, exc)
 
     score.__name__ = score.__qualname__ = f"score_{pipeline.usecase.name}"
     return app.agent(pipeline.input, name=f"score_{pipeline.usecase.name}")(score)

@@ -214,11 +214,13 @@ class OffsetGuard:
             log.warning("seek of %s to %s failed: %r", tp, expected, exc)
 
 
-async def batches(stream, sink: RecordSink, max_n: int) -> AsyncIterator[Batch]:
+async def batches(stream, sink: RecordSink, max_n: int, on_idle=None) -> AsyncIterator[Batch]:
     """The agent's loop: batches of up to `max_n` records, with no fixed wait.
 
     It blocks for the first records, then takes whatever else is already fetched: at low load a
     batch is one event; under load batches grow by themselves while the last one is processed.
+    `on_idle()` is awaited each time the sink is found empty, before waiting for more records (and
+    so also when a rebalance has cleared it).
     """
     app = stream.app
     consumer = app.consumer
@@ -226,6 +228,8 @@ async def batches(stream, sink: RecordSink, max_n: int) -> AsyncIterator[Batch]:
     guard = OffsetGuard(consumer)
     stream.channel.__aiter__()  # subscribes the topics with the conductor, as `async for` would
     while True:
+        if on_idle is not None and not sink.chunks:
+            await on_idle()
         chunks = await sink.take(max_n)
         await app.flow_control.acquire()  # returns at once unless a rebalance/recovery is under way
         generation = app.consumer_generation_id

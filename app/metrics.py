@@ -1,8 +1,9 @@
 """Prometheus metrics. Updated once per micro-batch where possible, never logged per event."""
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass
+
+import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -73,23 +74,21 @@ class _Bound:
         return self.metric.labels(self.pipeline, *rest)
 
 
-def observe_many(histogram, values) -> None:
+def observe_many(histogram, values: np.ndarray) -> None:
     """`histogram.observe(v)` for each value, with one increment per touched bucket (and the sum).
 
     Uses the client's bucket layout (non-cumulative counts, `le` bounds); if that ever changes,
     falls back to observing one by one.
     """
-    if not values:
+    if not len(values):
         return
     bounds, buckets = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None)
     if bounds is None or buckets is None:
-        for v in values:
+        for v in values.tolist():
             histogram.observe(v)
         return
-    counts: dict[int, int] = {}
-    for v in values:
-        i = bisect_left(bounds, v)  # first bound >= v: the bucket `observe` would pick
-        counts[i] = counts.get(i, 0) + 1
-    for i, n in counts.items():
-        buckets[i].inc(n)
-    histogram._sum.inc(sum(values))
+    # the first bound >= v: the bucket `observe` picks
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))

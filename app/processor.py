@@ -12,11 +12,19 @@ been delivered in step 1. So state is never double-counted and no event goes wit
 An event contributes to state only if its output was delivered; a dead-lettered event does not,
 so replaying its dead letter later applies it exactly once.
 
-Batches overlap by one step: while the changelog delivery of batch N is awaited (step 2), batch N+1
-is decoded, scored and its outputs published (step 1, which reads N's state from the local store).
-N+1's state is written only once N's is confirmed and N acked, so the order of effects per batch,
-the order of state writes, and the rewrite of a failed changelog delivery are as without overlap;
-the broker round trip of the changelog just leaves the path from fetch to score.
+A replayed event found in the state rewrites its key's record to the changelog. The local store may
+hold a write whose changelog delivery never completed (a crash between 2 and its confirmation):
+without the rewrite, the skipped event would be committed while the changelog, which recovery and
+every other worker trust, never learns of it.
+
+State is written behind (step 2), for several batches at once: while fetched records are waiting,
+each batch's new records join a buffer of unwritten ones (the newest per key), which later batches
+read; the buffer is written when the intake has nothing more, after STATE_FLUSH_EVENTS events or
+STATE_FLUSH_MS, and before a batch of another consumer generation. A key that several batches touch
+is then written and changelogged once, not once per batch; the batches are acked together when that
+write is confirmed. While a write's changelog delivery is awaited, the next batches are processed;
+the next write waits for it, so state writes stay in order and the rewrite of a failed changelog
+delivery cannot overtake a newer value. Outputs never wait for any of this.
 """
 from __future__ import annotations
 
@@ -28,10 +36,9 @@ from functools import lru_cache
 from itertools import chain
 
 import numpy as np
-import orjson
 
 from app import metrics
-from app.codec import decode
+from app.codec import decode, encode
 from app.errors import Poison, is_transient
 from app.faults import Faults
 from app.gate import Record, RetryPolicy, key_hash, publish, publish_until_acknowledged
@@ -50,6 +57,7 @@ REPLAY_HEADERS = ("replay.count", "replay.of")
 
 
 _NO_HEADERS: dict = {}  # shared, read only
+ROUTES_MAX = 1 << 17  # cached key routes (bytes, partition); cleared when full
 
 
 @lru_cache(maxsize=4096)
@@ -62,7 +70,7 @@ class Item:
     """One source record on its way through the batch."""
 
     __slots__ = ("record", "origin", "source", "headers", "value", "key", "features", "state",
-                 "score", "reasons", "stage", "error", "attempts", "output")
+                 "score", "reasons", "stage", "error", "attempts", "output", "encoded")
 
     def __init__(self, record) -> None:
         self.record = msg = record
@@ -83,6 +91,7 @@ class Item:
         self.error = None
         self.attempts = 1
         self.output = None
+        self.encoded = None
 
     def fail(self, stage: str, error: BaseException, attempts: int = 1) -> None:
         self.stage, self.error, self.attempts = stage, error, attempts
@@ -112,7 +121,8 @@ def dead_letter(item: Item) -> Record:
 
 class Processor:
     def __init__(self, app, usecase: UseCase, table, scorer: Scorer, repartition_topic: str,
-                 policy: RetryPolicy, faults: Faults, max_event_bytes: int) -> None:
+                 policy: RetryPolicy, faults: Faults, max_event_bytes: int, flush_events: int = 20_000,
+                 flush_ms: float = 500.0) -> None:
         self.app = app
         self.uc = usecase
         self.table = table
@@ -125,68 +135,100 @@ class Processor:
         self.m = metrics.for_pipeline(usecase.name)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
         self.on_failure = None  # set by the agent: an unexpected error while confirming a batch
-        self._confirming: asyncio.Future | None = None  # the last batch's confirmation and ack
+        self.flush_events, self.flush_s = flush_events, flush_ms / 1000.0
+        self._confirming: asyncio.Future | None = None  # the last write's confirmation and acks
+        # written behind: key -> (partition, newest record), and the batches whose state it holds
+        self._unwritten: dict[str, tuple[int, dict]] = {}
+        self._waiting: list = []
+        self._waiting_events = 0
+        self._waiting_since = 0.0
+        self._routes: dict[str, tuple[bytes, int]] = {}
 
     def partition_of(self, key: bytes) -> int:
         """The key's partition: Kafka's default partitioner, as the producer uses for the repartition hop."""
         return key_hash(key) % self.partitions
 
+    def _route(self, key: str) -> tuple[bytes, int]:
+        """The state key's bytes and partition, cached: the same keys recur all the time."""
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= ROUTES_MAX:
+                self._routes.clear()
+            raw = key.encode()
+            route = self._routes[key] = (raw, self.partition_of(raw))
+        return route
+
     # -- stages ---------------------------------------------------------------------------------
 
-    def _decode(self, item: Item) -> None:
-        msg = item.record
-        try:
-            item.value = decode(msg.value, self.uc.schema, self.max_event_bytes, self.uc.check)
-        except Poison as exc:
-            item.fail(exc.stage, exc)
-            return
-        item.key = item.value[self.uc.key_field]
+    def _admit(self, items: list[Item]) -> tuple[dict[str, list[Item]], list[Item]]:
+        """Decode and validate; group the valid items by state key (arrival order within a key), or
+        set them aside for the repartition hop when they are not keyed by the state key or not on
+        its partition."""
+        schema, max_bytes, check, key_field = self.uc.schema, self.max_event_bytes, self.uc.check, self.uc.key_field
+        hop = self.repartition_topic
+        by_key: dict[str, list[Item]] = {}
+        forward = []
+        for it in items:
+            msg = it.record
+            try:
+                it.value = value = decode(msg.value, schema, max_bytes, check)
+            except Poison as exc:
+                it.fail(exc.stage, exc)
+                continue
+            it.key = key = value[key_field]
+            raw, partition = self._route(key)
+            if msg.topic != hop and (msg.key != raw or msg.partition != partition):
+                forward.append(it)
+            elif key in by_key:
+                by_key[key].append(it)
+            else:
+                by_key[key] = [it]
+        return by_key, forward
 
-    def _needs_forward(self, item: Item) -> bool:
-        """Keyed by the state key and on its partition already? Otherwise go through the repartition topic."""
-        msg = item.record
-        if msg.topic == self.repartition_topic:
-            return False
-        key = item.key.encode()
-        return msg.key != key or msg.partition != self.partition_of(key)
-
-    def _fold(self, items: list[Item], generation) -> dict[str, list]:
+    def _fold(self, by_key: dict[str, list[Item]], generation) -> dict[str, list]:
         """Apply events to state per key, in arrival order.
 
-        Returns key -> [record before, items, record after all of them]; the last is None when
-        none of them changed the state.
+        Returns key -> [record before, items, record to write]; the last is None when nothing is
+        to be written (no event changed the state and none was a replay).
         """
-        by_key: dict[str, list[Item]] = defaultdict(list)
-        for it in items:
-            by_key[it.key].append(it)
-        # Read per partition (all events of a key are on the key's partition).
+        # Unwritten records first; the others read per partition (all events of a key are on the
+        # key's partition).
+        unwritten, records = self._unwritten, {}
         keys_of: dict[int, list[str]] = defaultdict(list)
         for key, its in by_key.items():
-            keys_of[its[-1].record.partition].append(key)
-        records = {}
+            if key in unwritten:
+                records[key] = unwritten[key][1]
+            else:
+                keys_of[its[-1].record.partition].append(key)
         for partition, keys in keys_of.items():
             records.update(zip(keys, self.table.read_many(partition, keys, generation)))
-        apply, features = self.uc.apply, self.uc.features
+        apply, features, new_state = self.uc.apply, self.uc.features, self.uc.new_state
         folded = {}
         for key, its in by_key.items():
             record = records[key]
-            state = record["state"] if record else self.uc.new_state()
-            applied = dict(record["applied"]) if record else {}
-            changed = False
+            if record is None:
+                state, applied = new_state(), {}
+            else:
+                state, applied = record["state"], record["applied"]
+            changed = replayed = False
             for it in its:
-                if applied.get(it.source, -1) >= it.origin[2]:
+                offset = it.origin[2]
+                if applied.get(it.source, -1) >= offset:
                     it.stage = "duplicate"  # already in the state: its output was delivered before
+                    replayed = True
                     continue
                 try:
-                    new_state = apply(state, it.value)
-                    it.features = features(new_state, it.value)
+                    new = apply(state, it.value)
+                    it.features = features(new, it.value)
                 except Exception as exc:
                     it.fail("features", exc)
                     continue
-                state = it.state = new_state
-                applied[it.source] = it.origin[2]
-                changed = True
-            folded[key] = [record, its, {"state": state, "applied": applied} if changed else None]
+                state = it.state = new
+                if not changed:
+                    applied, changed = dict(applied), True
+                applied[it.source] = offset
+            after = {"state": state, "applied": applied} if changed else record if replayed else None
+            folded[key] = [record, its, after]
         return folded
 
     async def _score(self, items: list[Item]) -> None:
@@ -216,11 +258,10 @@ class Processor:
                 break
         self.m.score_seconds.observe(time.perf_counter() - t0)
         contributions = self.scorer.contributions(rows) if self.uc.reasons else None
-        for i, it in enumerate(items):
+        for i, (it, score) in enumerate(zip(items, scores.tolist())):
             if not it.ok:
                 continue
-            score = float(scores[i])
-            if not 0.0 <= score <= 1.0:
+            if not 0.0 <= score <= 1.0:  # NaN too
                 it.fail("score", ValueError(f"model returned {score!r}"))
                 continue
             it.score = score
@@ -257,31 +298,31 @@ class Processor:
             "features": item.features,
         }
         item.output = body
-        return Record(uc.output_topic, item.key.encode(), orjson.dumps(body), owner=item)
+        item.encoded = encoded = encode(body)
+        return Record(uc.output_topic, self._route(item.key)[0], encoded, owner=item)
 
     def _forward(self, item: Item) -> Record:
         msg = item.record
         headers = [(k, v) for k, v in (msg.headers or ()) if k not in ORIGIN]
         headers += [(ORIGIN[0], item.origin[0].encode()), (ORIGIN[1], str(item.origin[1]).encode()),
                     (ORIGIN[2], str(item.origin[2]).encode())]
-        return Record(self.repartition_topic, item.key.encode(), msg.value, headers, owner=item)
+        return Record(self.repartition_topic, self._route(item.key)[0], msg.value, headers, owner=item)
 
     # -- the batch ------------------------------------------------------------------------------
 
     async def handle(self, batch) -> None:
-        """Process an `app.intake.Batch`. It is acked once its state is confirmed, which may be after
-        this returns (while the next batch is processed); `drain()` waits for that."""
+        """Process an `app.intake.Batch`. It is acked once its state is written and confirmed, which
+        may be after this returns (see `flush`); `drain()` writes and waits for that."""
         # the consumer generation the batch was taken in: state cached by the table is only
-        # trusted within one generation
+        # trusted within one generation, and what was folded in another is written first
         generation = batch.generation
+        if self._waiting and self._waiting[-1].generation != generation:
+            await self.flush()
         items = [Item(r) for r in batch.records]
-        local, forward = [], []
-        for it in items:
-            self._decode(it)
-            if it.ok:
-                (forward if self._needs_forward(it) else local).append(it)
-        folded = self._fold(local, generation)
-        await self._score([it for it in local if it.ok and it.features is not None])
+        by_key, forward = self._admit(items)
+        folded = self._fold(by_key, generation)
+        local = [it for its in by_key.values() for it in its]
+        await self._score([it for it in local if it.ok])
 
         now_ms = int(time.time() * 1000)
         records = [self._output(it, now_ms) for it in local if it.ok]
@@ -294,24 +335,53 @@ class Processor:
         await publish_until_acknowledged(self.app.producer, letters, self.policy,
                                          on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
 
-        self._count(items, now_ms)
+        self._count(items, local, now_ms)
 
-        await self.drain()  # the previous batch's state confirmed and acked: the state writes stay in order
         clean = all(it.stage is None or it.stage == "duplicate" for it in local)
-        await self._write_state(folded, folded, generation, clean)
-        self._confirming = asyncio.ensure_future(self._confirm(batch, folded, generation, clean))
+        unwritten = self._unwritten
+        for key, (record, its, after) in folded.items():
+            new = after if clean else self._new_record(record, its)
+            if new is not None:
+                unwritten[key] = (its[-1].record.partition, new)
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
+        self._waiting.append(batch)
+        self._waiting_events += len(items)
+        if (self._waiting_events >= self.flush_events
+                or time.monotonic() - self._waiting_since >= self.flush_s):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the unwritten state; its batches are acked once its changelog is confirmed.
+
+        The agent calls this whenever its intake is empty, so nothing stays unwritten (and unacked,
+        holding up commits and rebalances) while no more records come."""
+        if not self._waiting:
+            return
+        await self._written()  # the previous write confirmed and acked: the state writes stay in order
+        rows = {key: (partition, key, record) for key, (partition, record) in self._unwritten.items()}
+        batches = self._waiting
+        self._unwritten, self._waiting, self._waiting_events = {}, [], 0
+        generation = batches[-1].generation
+        await self.table.put_many(list(rows.values()), generation)
+        self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation))
         self._confirming.add_done_callback(self._confirmed)
 
-    async def _confirm(self, batch, folded: dict, generation, clean: bool) -> None:
-        await self.table.confirm(self.policy, lambda keys: self._write_state(folded, keys, generation, clean))
-        batch.ack()
+    async def _confirm(self, batches: list, rows: dict, generation) -> None:
+        await self.table.confirm(self.policy, lambda keys: self.table.put_many([rows[k] for k in keys], generation))
+        for batch in batches:
+            batch.ack()
 
     def _confirmed(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
             self.on_failure(task.exception())
 
     async def drain(self) -> None:
-        """Wait until the last batch handed to `handle` is confirmed and acked."""
+        """Write what is unwritten; wait until it is confirmed and every batch handed over is acked."""
+        await self.flush()
+        await self._written()
+
+    async def _written(self) -> None:
         if self._confirming is not None:
             await self._confirming
 
@@ -319,7 +389,7 @@ class Processor:
         """The state after the delivered events of one key, refolded without those that failed."""
         delivered = [it for it in its if it.ok]
         if not delivered:
-            return None
+            return record if any(it.stage == "duplicate" for it in its) else None
         state = record["state"] if record else self.uc.new_state()
         for it in delivered:
             state = self.uc.apply(state, it.value)
@@ -328,30 +398,20 @@ class Processor:
             applied[it.source] = it.origin[2]
         return {"state": state, "applied": applied}
 
-    async def _write_state(self, folded: dict, keys, generation, clean: bool) -> None:
-        """Write the new record of each of `keys` (all keys of the batch, or those to rewrite).
-
-        `clean`: every event of the batch was delivered (or a duplicate), so the fold stands.
-        """
-        rows = []
-        for key in keys:
-            record, its, after = folded[key]
-            new = after if clean else self._new_record(record, its)
-            if new is not None:
-                rows.append((its[-1].record.partition, key, new))
-        await self.table.put_many(rows, generation)
-
-    def _count(self, items: list[Item], now_ms: int) -> None:
+    def _count(self, items: list[Item], local: list[Item], now_ms: int) -> None:
         m = self.m
         m.events_in.inc(len(items))
-        scored = [it for it in items if it.stage is None and it.score is not None]
+        scored = [it for it in local if it.stage is None and it.score is not None]  # by key
         others = Counter(it.stage for it in items if it.stage is not None)
         # histograms and counters once per batch, not per event
-        metrics.observe_many(m.latency, [max(0.0, (now_ms - it.value["ts"]) / 1000.0) for it in scored])
-        metrics.observe_many(m.scores, [it.score for it in scored])
-        if scored and "decision" in scored[0].output:
-            for decision, n in Counter(it.output["decision"] for it in scored).items():
-                m.decisions.labels(decision).inc(n)
+        if scored:
+            ts = np.fromiter((it.value["ts"] for it in scored), dtype=np.float64, count=len(scored))
+            metrics.observe_many(m.latency, np.maximum(0.0, (now_ms - ts) / 1000.0))
+            metrics.observe_many(m.scores, np.fromiter((it.score for it in scored), dtype=np.float64,
+                                                       count=len(scored)))
+            if "decision" in scored[0].output:
+                for decision, n in Counter(it.output["decision"] for it in scored).items():
+                    m.decisions.labels(decision).inc(n)
         for stage, n in others.items():
             if stage == "duplicate":
                 m.duplicates.inc(n)

@@ -50,6 +50,11 @@ class Settings:
     # trips (outputs, then state), so under load larger rounds drain faster (bench: 2000 -> 5000
     # gave about +15%); the agent's intake holds at most twice this many fetched records.
     batch_max: int = field(default_factory=lambda: _int("BATCH_MAX", 5000))
+    # State is written behind, for several batches at once while records are waiting (see
+    # app/processor.py): at most this many events or this long. A key several batches touch is
+    # written and changelogged once; offsets are committed once their state is written.
+    state_flush_events: int = field(default_factory=lambda: _int("STATE_FLUSH_EVENTS", 20_000))
+    state_flush_ms: float = field(default_factory=lambda: _float("STATE_FLUSH_MS", 500))
     retry_attempts: int = field(default_factory=lambda: _int("RETRY_ATTEMPTS", 5))
     retry_base_ms: float = field(default_factory=lambda: _float("RETRY_BASE_MS", 50))
     retry_max_ms: float = field(default_factory=lambda: _float("RETRY_MAX_MS", 2000))

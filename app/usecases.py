@@ -36,7 +36,7 @@ class UseCase:
 
 
 _ID = Field("event_id", str)
-CART_SCHEMA: Schema = (
+CART_SCHEMA = Schema("CartEvent", (
     _ID,
     Field("user_id", str),
     timestamp(),
@@ -45,7 +45,7 @@ CART_SCHEMA: Schema = (
     Field("category", str),
     Field("price", float, minimum=0.0, maximum=1e7),
     Field("quantity", int, minimum=1, maximum=10_000),
-)
+))
 
 
 def _cart_check(event: dict) -> None:
@@ -54,7 +54,7 @@ def _cart_check(event: dict) -> None:
 
 
 def _cart_output(event: dict, state: dict, score: float, reasons: list | None) -> dict:
-    return {"session_id": state["session_id"]}
+    return {"session_id": state["session_id"], "type": event["type"]}
 
 
 CART = UseCase(
@@ -74,7 +74,7 @@ CART = UseCase(
 )
 
 
-FRAUD_SCHEMA: Schema = (
+FRAUD_SCHEMA = Schema("Transaction", (
     Field("txn_id", str),
     Field("card_id", str),
     timestamp(),
@@ -85,7 +85,7 @@ FRAUD_SCHEMA: Schema = (
     Field("country", str, pattern=re.compile(r"[A-Z]{2}")),       # ISO 3166-1 alpha-2
     Field("channel", str, choices=frozenset(card.CHANNELS)),
     Field("device_id", str, required=False),
-)
+))
 
 
 def fraud_decision(score: float) -> str:

@@ -62,47 +62,42 @@ _recent: dict[str, OrderedDict] = {}
 
 
 def record_scores(pipeline_name: str, items: Iterable) -> None:
-    """Remember the last RECENT_PER_KEY scores of the last RECENT_KEYS keys of a pipeline (in memory).
+    """Remember the last RECENT_PER_KEY outputs of the last RECENT_KEYS keys of a pipeline (in memory).
 
     Called by the processor once per micro-batch with the items it scored and published (attributes
-    `key`, `score`, `value` = the decoded event, `reasons`, `output` = the published body). Items
-    without a score are ignored. Touches no metric. Entries are kept as tuples (one small object per
-    event on the hot path) and become dicts when looked up.
+    `key` and `encoded`, the published output's bytes), the items of one key together. An entry is
+    the very bytes object that was published: nothing is built per event, and bytes are no work for
+    the garbage collector. Entries are decoded when looked up.
 
     Memory is bounded: least recently scored keys are dropped. The ring lives on the worker that scored
     the events, which is the owner of the key's partition, where user lookups are routed; after a
     rebalance the new owner's ring starts empty.
     """
-    pipeline = pipelines.get(pipeline_name)
-    if pipeline is None:
+    if pipeline_name not in pipelines:
         return
     ring = _recent.setdefault(pipeline_name, OrderedDict())
-    version = pipeline.scorer.version if pipeline.scorer else None
-    now = int(time.time() * 1000)
+    key = entries = None
     for it in items:
-        key, score, value = it.key, it.score, it.value
-        if key is None or score is None:
-            continue
-        scores = ring.get(key)
-        if scores is None:
-            scores = ring[key] = deque(maxlen=RECENT_PER_KEY)
-            while len(ring) > RECENT_KEYS:
-                ring.popitem(last=False)
-        else:
-            ring.move_to_end(key)
-        scores.append((value, float(score), it.reasons, it.output.get("decision") if it.output else None,
-                       version, now))
+        if it.key != key:
+            key = it.key
+            entries = ring.get(key)
+            if entries is None:
+                entries = ring[key] = []
+            else:
+                ring.move_to_end(key)
+        entries.append(it.encoded)
+        if len(entries) >= 2 * RECENT_PER_KEY:
+            del entries[:-RECENT_PER_KEY]
+    while len(ring) > RECENT_KEYS:
+        ring.popitem(last=False)
 
 
-def _score_entry(id_field: str, value: dict, score: float, reasons, decision, version, recorded_at: int) -> dict:
-    entry = {"event_id": value.get(id_field), "score": score, "event_ts": value.get("ts"),
-             "model_version": version, "recorded_at": recorded_at}
-    if "type" in value:
-        entry["type"] = value["type"]
-    if reasons:
-        entry["reasons"] = reasons
-    if decision is not None:
-        entry["decision"] = decision
+def _score_entry(id_field: str, output: dict) -> dict:
+    entry = {"event_id": output.get(id_field), "score": output["score"], "event_ts": output.get("event_ts"),
+             "model_version": output.get("model_version"), "recorded_at": output.get("scored_at")}
+    for optional in ("type", "reasons", "decision"):
+        if output.get(optional):
+            entry[optional] = output[optional]
     return entry
 
 
@@ -115,11 +110,11 @@ for _name, _pipeline in pipelines.items():
 
 def recent_scores(pipeline_name: str, key: str) -> list[dict]:
     """Newest first."""
-    scores = _recent.get(pipeline_name, {}).get(key)
-    if not scores:
+    outputs = _recent.get(pipeline_name, {}).get(key)
+    if not outputs:
         return []
     id_field = pipelines[pipeline_name].usecase.id_field
-    return [_score_entry(id_field, *entry) for entry in reversed(scores)]
+    return [_score_entry(id_field, orjson.loads(raw)) for raw in reversed(outputs[-RECENT_PER_KEY:])]
 
 
 # -- errors, auth and the root redirect: one middleware over every route --------------------------

@@ -78,7 +78,8 @@ class Pipeline:
         except ModelMismatch as exc:
             raise SystemExit(f"cannot start {self.usecase.name} pipeline: {exc}") from None
         self.processor = Processor(app, self.usecase, self.table, self.scorer, self.repartition_topic_name,
-                                   policy, faults, settings.max_event_bytes)
+                                   policy, faults, settings.max_event_bytes, settings.state_flush_events,
+                                   settings.state_flush_ms)
         log.info("%s model %s loaded (%d features)", self.usecase.name, self.scorer.version,
                  len(self.usecase.feature_names))
 

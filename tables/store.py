@@ -1,7 +1,7 @@
 """Faust table declarations and the one way agents write to them.
 
-Values are orjson bytes (raw serializer): compact, fast, and readable by any tool that reads the
-changelog. `GatedTable` keeps the changelog delivery futures of its writes so the commit gate can
+Values are JSON bytes (raw serializer; `app.codec.encode`): compact, fast, and readable by any tool
+that reads the changelog. `GatedTable` keeps the changelog delivery futures of its writes so the commit gate can
 await them before acking the source events: a state update that never reached the changelog would
 otherwise be lost on the next recovery while its source offset is already committed.
 
@@ -23,6 +23,7 @@ import orjson
 import rocksdict
 from faust.types import TP
 
+from app.codec import encode
 from app.gate import RetryPolicy, exception_of, send_partition, settle
 
 
@@ -82,7 +83,7 @@ class GatedTable(faust.Table):
             entries = by_partition.get(partition)
             if entries is None:
                 entries = by_partition[partition] = []
-            entries.append((k, orjson.dumps(value), None, k))
+            entries.append((k, encode(value), None, k))
         topic = self.changelog_topic.get_topic_name()
         for partition, entries in by_partition.items():
             batch = rocksdict.WriteBatch(raw_mode=True)

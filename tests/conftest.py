@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# The worker's settings are read when app.settings is first imported (test modules import it at
+# collection): tests that build the app in-process keep its local state out of the checkout.
+os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="scoring-tests-"))
 
 from app.broker import EmbeddedBroker
 from tests.harness import MODEL_DIR, Worker

@@ -44,7 +44,8 @@ def test_page_view_needs_no_product():
     (b'{"event_id":"e","user_id":"u","ts":1700000000000,"type":"add_to_cart","product_id":"p",'
      b'"category":"c","price":NaN,"quantity":1}', "decode"),
     (b'{"event_id":"e","user_id":"u","ts":1700000000000,"type":"add_to_cart","product_id":"p",'
-     b'"category":"c","price":1e999,"quantity":1}', "decode"),
+     # valid JSON syntax, but no float64 holds it: a field error
+     b'"category":"c","price":1e999,"quantity":1}', "validate"),
     (orjson.dumps({**GOOD, "price": 2e7}), "validate"),
     (orjson.dumps({**GOOD, "quantity": 0}), "validate"),
     (orjson.dumps({**GOOD, "quantity": True}), "validate"),
@@ -55,6 +56,23 @@ def test_poison_is_rejected_with_its_stage(raw, stage):
     with pytest.raises(Poison) as info:
         dec(raw)
     assert info.value.stage == stage
+
+
+def test_null_optional_field_is_absent_and_null_required_field_is_poison():
+    assert "product_id" not in dec(orjson.dumps({**GOOD, "type": "page_view", "product_id": None}))
+    with pytest.raises(Poison) as info:
+        dec(orjson.dumps({**GOOD, "user_id": None}))
+    assert info.value.stage == "validate" and "user_id" in str(info.value)
+
+
+def test_pattern_must_match_the_whole_value():
+    from app.usecases import FRAUD
+    from tests.fraud_fixtures import GOOD as TXN
+
+    assert decode(orjson.dumps(TXN), FRAUD.schema, 65536)["currency"] == TXN["currency"]
+    for bad in ("EUR\n", "xEUR", "EURx"):
+        with pytest.raises(Poison):
+            decode(orjson.dumps({**TXN, "currency": bad}), FRAUD.schema, 65536)
 
 
 def test_none_value_is_poison():

@@ -281,26 +281,31 @@ def test_lookup_is_routed_to_the_owner(broker, workers):
 def test_record_scores_is_bounded_and_newest_first(monkeypatch):
     from app import web
 
+    def scored(key, i, **extra):
+        body = {"event_id": f"e{i}", "user_id": key, "score": i / 100, "event_ts": 1_700_000_000_000 + i,
+                "model_version": "m1", "scored_at": 1_700_000_000_100 + i, "type": "page_view", **extra}
+        return SimpleNamespace(key=key, encoded=orjson.dumps(body))
+
     monkeypatch.setattr(web, "_recent", {})
     monkeypatch.setattr(web, "RECENT_KEYS", 3)
-    items = [SimpleNamespace(key=f"k{i % 3}", score=i / 100, reasons=None, output={},
-                             value={"event_id": f"e{i}", "ts": 1_700_000_000_000 + i, "type": "page_view"})
-             for i in range(40)]
-    items.append(SimpleNamespace(key="k1", score=None, reasons=None, output=None, value={"event_id": "unscored"}))
+    items = sorted((scored(f"k{i % 3}", i) for i in range(40)), key=lambda it: it.key)  # by key, as fed
     web.record_scores("cart", items)
     web.record_scores("no-such-pipeline", items)  # ignored
-    assert list(web._recent["cart"]) == ["k1", "k2", "k0"]
+    assert list(web._recent["cart"]) == ["k0", "k1", "k2"]
     got = web.recent_scores("cart", "k0")
     assert [g["event_id"] for g in got] == [f"e{i}" for i in range(39, 11, -3)], "newest first, bounded"
     assert len(got) == web.RECENT_PER_KEY
-    assert got[0]["score"] == 0.39 and got[0]["type"] == "page_view" and got[0]["event_ts"] == 1_700_000_000_039
-    assert web.recent_scores("cart", "k1")[0]["event_id"] == "e37", "an item without a score is ignored"
-    # a new key pushes out the least recently scored one; a decision is kept
-    web.record_scores("cart", [SimpleNamespace(key="k9", score=0.5, reasons=None, output={"decision": "review"},
-                                               value={"event_id": "x1", "ts": 1})])
+    assert got[0] == {"event_id": "e39", "score": 0.39, "event_ts": 1_700_000_000_039, "model_version": "m1",
+                      "recorded_at": 1_700_000_000_139, "type": "page_view"}
+    assert all(len(entries) < 2 * web.RECENT_PER_KEY for entries in web._recent["cart"].values())
+    # a key scored again becomes the most recent; a new key pushes out the least recently scored one
+    web.record_scores("cart", [scored("k0", 40)])
+    assert list(web._recent["cart"]) == ["k1", "k2", "k0"]
+    web.record_scores("cart", [scored("k9", 41, decision="review", reasons=[{"feature": "amount"}])])
     assert list(web._recent["cart"]) == ["k2", "k0", "k9"]
     assert web.recent_scores("cart", "k1") == []
     assert web.recent_scores("cart", "k9")[0]["decision"] == "review"
+    assert web.recent_scores("cart", "k9")[0]["reasons"] == [{"feature": "amount"}]
 
 
 def test_quantile_from_cumulative_buckets():

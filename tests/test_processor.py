@@ -1,0 +1,152 @@
+"""The processor with its real table (RocksDB in a temporary directory) and a producer that
+acknowledges every record batch at once (the harness of `bench/inprocess.py`): state written behind
+for several batches, acks only after that write, replays recognised and rewritten.
+
+The integration tests run the same code in real workers against the broker; these pin down the
+order of writes and acks, which a worker only shows through timing.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from bench.inprocess import AckingProducer, ConsumerRecord, FakeBatch
+from tests.flows import FLOWS
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture
+def harness(tmp_path, monkeypatch):
+    from app import gate
+    from app.processor import Processor
+    from app.worker import app, pipelines
+
+    pipeline = pipelines["cart"]
+    table = pipeline.table
+    monkeypatch.setattr(table.data, "partition_path", lambda partition: tmp_path / f"p{partition}.db")
+    monkeypatch.setattr(table.data, "_dbs", {})
+    monkeypatch.setattr(table, "recent", {})
+    monkeypatch.setattr(table, "unconfirmed", [])
+    producer = AckingProducer(app.conf.topic_partitions)
+    monkeypatch.setattr(gate, "submit_batch", lambda _p, topic, partition, batch:
+                        producer.send_batch(batch, topic, partition))
+    monkeypatch.setattr(app.producer, "_ensure_producer", producer._ensure_producer)
+    old = pipeline.processor
+
+    def make(**kw) -> Processor:
+        return Processor(app, old.uc, table, old.scorer, old.repartition_topic, old.policy, old.faults,
+                         old.max_event_bytes, **kw)
+
+    return make, producer, table
+
+
+def cart_records(events: list[dict], first_offset: int = 0) -> list[ConsumerRecord]:
+    """Each user's events on the user's partition (keyed as a shop would), offsets from `first_offset`."""
+    from app.gate import key_hash
+
+    out, offsets = [], {}
+    for e in events:
+        key = e["user_id"].encode()
+        p = key_hash(key) % 4
+        offset = offsets.setdefault(p, first_offset)
+        offsets[p] = offset + 1
+        out.append(ConsumerRecord("cart_events", p, offset, key, orjson.dumps(e), []))
+    return out
+
+
+def event(i: int, user: str, kind: str = "product_view") -> dict:
+    return {"event_id": f"e{i}", "user_id": user, "ts": T0 + i * 1000, "type": kind, "product_id": "p1",
+            "category": "books", "price": 10.0, "quantity": 1}
+
+
+def changelog_records(producer: AckingProducer) -> int:
+    return sum(n for (topic, _), n in producer.offsets.items() if topic.endswith("user_sessions-changelog"))
+
+
+def outputs(producer: AckingProducer) -> int:
+    return sum(n for (topic, _), n in producer.offsets.items() if topic == "personalization_scores")
+
+
+def test_state_is_written_once_per_key_for_several_batches_and_acked_after_the_write(harness):
+    make, producer, table = harness
+    processor = make(flush_events=1000, flush_ms=60_000)
+    events = [event(0, "u1"), event(1, "u2"), event(2, "u1", "add_to_cart"), event(3, "u1")]
+    records = cart_records(events)
+    first, second = FakeBatch(records[:2], 1), FakeBatch(records[2:], 1)
+
+    async def run():
+        await processor.handle(first)
+        await processor.handle(second)
+        assert outputs(producer) == 4, "outputs never wait for the state"
+        assert changelog_records(producer) == 0 and not first.acked and not second.acked
+        assert table.read("u1") is None, "nothing written yet"
+        await processor.flush()
+        await processor.drain()
+
+    asyncio.run(run())
+    assert first.acked and second.acked
+    assert changelog_records(producer) == 2, "u1, touched by both batches, is written once"
+    expected = FLOWS["cart"].offline_states(events)
+    assert table.read("u1")["state"] == expected["u1"] and table.read("u2")["state"] == expected["u2"]
+    assert table.read("u1")["applied"] == {f"cart_events:{records[3].partition}": records[3].offset}
+
+
+def test_a_batch_reads_the_state_that_earlier_batches_left_unwritten(harness):
+    make, producer, table = harness
+    processor = make(flush_events=1000, flush_ms=60_000)
+    events = [event(i, "u1", "add_to_cart" if i % 2 else "product_view") for i in range(6)]
+    records = cart_records(events)
+
+    async def run():
+        for r in records:  # one event per batch
+            await processor.handle(FakeBatch([r], 1))
+        await processor.drain()
+
+    asyncio.run(run())
+    assert table.read("u1")["state"] == FLOWS["cart"].offline_states(events)["u1"]
+    assert changelog_records(producer) == 1
+
+
+def test_the_write_happens_after_enough_events_and_before_another_generation(harness):
+    make, producer, table = harness
+    processor = make(flush_events=3, flush_ms=60_000)
+    records = cart_records([event(i, f"u{i}") for i in range(5)])
+    batches = [FakeBatch(records[:2], 1), FakeBatch(records[2:3], 1), FakeBatch(records[3:4], 1),
+               FakeBatch(records[4:], 2)]
+
+    async def run():
+        await processor.handle(batches[0])
+        assert changelog_records(producer) == 0
+        await processor.handle(batches[1])  # 3 events waiting: written now
+        assert changelog_records(producer) == 3
+        await processor.handle(batches[2])
+        assert changelog_records(producer) == 3 and not batches[2].acked
+        await processor.handle(batches[3])  # another consumer generation: the first writes what it has
+        assert changelog_records(producer) == 4 and not batches[3].acked
+        await processor.drain()
+
+    asyncio.run(run())
+    assert all(b.acked for b in batches) and changelog_records(producer) == 5
+
+
+def test_replayed_events_change_nothing_and_rewrite_the_state_to_the_changelog(harness):
+    make, producer, table = harness
+    processor = make(flush_events=1000, flush_ms=60_000)
+    events = [event(0, "u1"), event(1, "u2"), event(2, "u1", "add_to_cart")]
+    records = cart_records(events)
+
+    async def run():
+        await processor.handle(FakeBatch(records, 1))
+        await processor.drain()
+        before = {u: table.read(u) for u in ("u1", "u2")}
+        written, scored = changelog_records(producer), outputs(producer)
+        await processor.handle(FakeBatch(records, 2))  # a replay after a crash, from older offsets
+        await processor.drain()
+        assert outputs(producer) == scored, "a replayed event is not scored again"
+        assert changelog_records(producer) == written + 2, "both keys rewritten"
+        assert {u: table.read(u) for u in ("u1", "u2")} == before
+
+    asyncio.run(run())

@@ -24,19 +24,14 @@ def _exit(pipeline, exc: BaseException) -> None:
 
 def _agent_for(pipeline):
     sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max)
-    pipeline.processor.on_failure = lambda exc: _exit(pipeline, exc)
+    processor = pipeline.processor
+    processor.on_failure = lambda exc: _exit(pipeline, exc)
 
     async def score(stream):
-        async for batch in intake.batches(stream, sink, settings.batch_max, on_idle=flush):
-            try:
-                await pipeline.processor.handle(batch)
-            except Exception as exc:
-                _exit(pipeline, exc)
-            collector.between_batches()
-
-    async def flush():
         try:
-            await pipeline.processor.flush()
+            async for batch in intake.batches(stream, sink, settings.batch_max, writer=processor):
+                await processor.handle(batch)
+                collector.between_batches()
         except Exception as exc:
             _exit(pipeline, exc)
 

@@ -53,6 +53,7 @@ class RecordSink:
         self._filled = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._cleared = asyncio.Event()
 
     def clear(self) -> None:
         """Called by Faust's flow control when flow stops and when it resumes."""
@@ -60,6 +61,20 @@ class RecordSink:
         self.size = 0
         self._filled.clear()
         self._room.set()
+        self._cleared.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Until records are there, the sink is cleared (a rebalance), or `timeout` seconds passed."""
+        if self.chunks:
+            return
+        self._filled.clear()
+        self._cleared.clear()
+        waits = [asyncio.ensure_future(self._filled.wait()), asyncio.ensure_future(self._cleared.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def put(self, consumer, tp, records: list) -> None:
         while self.size >= self.capacity:
@@ -214,13 +229,16 @@ class OffsetGuard:
             log.warning("seek of %s to %s failed: %r", tp, expected, exc)
 
 
-async def batches(stream, sink: RecordSink, max_n: int, on_idle=None) -> AsyncIterator[Batch]:
+async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIterator[Batch]:
     """The agent's loop: batches of up to `max_n` records, with no fixed wait.
 
     It blocks for the first records, then takes whatever else is already fetched: at low load a
     batch is one event; under load batches grow by themselves while the last one is processed.
-    `on_idle()` is awaited each time the sink is found empty, before waiting for more records (and
-    so also when a rebalance has cleared it).
+
+    `writer` (the processor) writes state behind: whenever the sink is empty and `writer.write_due()`
+    says something is unwritten, the loop waits for more records only until the write is due, or
+    until a rebalance clears the sink, and then awaits `writer.flush()`. Everything stays in the
+    agent's one task: a write never runs beside a batch.
     """
     app = stream.app
     consumer = app.consumer
@@ -228,8 +246,13 @@ async def batches(stream, sink: RecordSink, max_n: int, on_idle=None) -> AsyncIt
     guard = OffsetGuard(consumer)
     stream.channel.__aiter__()  # subscribes the topics with the conductor, as `async for` would
     while True:
-        if on_idle is not None and not sink.chunks:
-            await on_idle()
+        if writer is not None and not sink.chunks:
+            due = writer.write_due()
+            if due is not None:
+                if due > 0:
+                    await sink.wait(due)
+                if not sink.chunks:
+                    await writer.flush()
         chunks = await sink.take(max_n)
         await app.flow_control.acquire()  # returns at once unless a rebalance/recovery is under way
         generation = app.consumer_generation_id

@@ -17,10 +17,10 @@ hold a write whose changelog delivery never completed (a crash between 2 and its
 without the rewrite, the skipped event would be committed while the changelog, which recovery and
 every other worker trust, never learns of it.
 
-State is written behind (step 2), for several batches at once: while fetched records are waiting,
-each batch's new records join a buffer of unwritten ones (the newest per key), which later batches
-read; the buffer is written when the intake has nothing more, after STATE_FLUSH_EVENTS events or
-STATE_FLUSH_MS, and before a batch of another consumer generation. A key that several batches touch
+State is written behind (step 2), for several batches at once: each batch's new records join a
+buffer of unwritten ones (the newest per key), which later batches and the web view read; the
+buffer is written after STATE_FLUSH_EVENTS events or STATE_FLUSH_MS, at once when a rebalance
+empties the intake, and before a batch of another consumer generation. A key that several batches touch
 is then written and changelogged once, not once per batch; the batches are acked together when that
 write is confirmed. While a write's changelog delivery is awaited, the next batches are processed;
 the next write waits for it, so state writes stay in order and the rewrite of a failed changelog
@@ -351,11 +351,23 @@ class Processor:
                 or time.monotonic() - self._waiting_since >= self.flush_s):
             await self.flush()
 
-    async def flush(self) -> None:
-        """Write the unwritten state; its batches are acked once its changelog is confirmed.
+    def write_due(self) -> float | None:
+        """Seconds until the unwritten state is due to be written (0: now); None if nothing is.
 
-        The agent calls this whenever its intake is empty, so nothing stays unwritten (and unacked,
-        holding up commits and rebalances) while no more records come."""
+        The agent's loop asks whenever its intake is empty and flushes when it is due, so nothing
+        stays unwritten (and unacked, holding up commits and rebalances) for long once no more
+        records come; at a low rate one write then covers many small batches."""
+        if not self._waiting:
+            return None
+        return max(0.0, self._waiting_since + self.flush_s - time.monotonic())
+
+    def read(self, key: str) -> dict | None:
+        """The newest record of `key`: unwritten, else the table's."""
+        unwritten = self._unwritten.get(key)
+        return unwritten[1] if unwritten is not None else self.table.read(key)
+
+    async def flush(self) -> None:
+        """Write the unwritten state; its batches are acked once its changelog is confirmed."""
         if not self._waiting:
             return
         await self._written()  # the previous write confirmed and acked: the state writes stay in order

@@ -224,7 +224,7 @@ async def _routed(view: View, request: Request, table, key: str, local):
 def _key_state(view: View, pipeline_name: str, key: str, not_found: str):
     pipeline = pipelines[pipeline_name]
     uc = pipeline.usecase
-    record = pipeline.table.read(key)
+    record = pipeline.processor.read(key)
     if record is None:
         return view.error(404, not_found, **{uc.key_field: key})
     state = record["state"]

@@ -84,6 +84,25 @@ def test_a_rebalance_clears_the_sink_and_drops_a_blocked_put():
     run(main())
 
 
+def test_waiting_for_records_ends_when_they_come_when_the_sink_is_cleared_or_at_the_timeout():
+    """The agent waits this way while state is written behind (app/processor.py: write_due)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        sink, consumer = RecordSink(capacity=100), FakeConsumer()
+        t0 = loop.time()
+        await sink.wait(0.05)
+        assert loop.time() - t0 >= 0.05 and not sink.chunks, "nothing came: the timeout"
+        loop.call_later(0.01, lambda: asyncio.ensure_future(sink.put(consumer, A, recs(0, 1))))
+        await asyncio.wait_for(sink.wait(10), 1)
+        assert sink.chunks, "records came"
+        await sink.wait(10)  # already there: at once
+        await sink.take(10)
+        loop.call_later(0.01, sink.clear)
+        await asyncio.wait_for(sink.wait(10), 1)  # a rebalance: at once, so the state gets written
+        assert not sink.chunks
+    run(main())
+
+
 def test_guard_skips_records_seen_before_and_rewinds_over_a_hole():
     async def main():
         consumer = FakeConsumer({A: 10})

@@ -150,3 +150,25 @@ def test_replayed_events_change_nothing_and_rewrite_the_state_to_the_changelog(h
         assert {u: table.read(u) for u in ("u1", "u2")} == before
 
     asyncio.run(run())
+
+
+def test_a_write_is_due_state_flush_ms_after_the_first_unwritten_batch_and_reads_see_it_before(harness):
+    make, producer, table = harness
+    processor = make(flush_events=1000, flush_ms=200)
+    records = cart_records([event(0, "u1"), event(1, "u1")])
+
+    async def run():
+        assert processor.write_due() is None, "nothing unwritten"
+        await processor.handle(FakeBatch(records[:1], 1))
+        assert 0.1 < processor.write_due() <= 0.2
+        assert processor.read("u1")["state"]["events"] == 1 and table.read("u1") is None
+        await asyncio.sleep(0.1)
+        await processor.handle(FakeBatch(records[1:], 1))  # a later batch does not move the deadline
+        assert processor.write_due() <= 0.1
+        await asyncio.sleep(0.1)
+        assert processor.write_due() == 0.0
+        await processor.flush()
+        assert processor.write_due() is None and table.read("u1")["state"]["events"] == 2
+        await processor.drain()
+
+    asyncio.run(run())

@@ -178,8 +178,13 @@ def test_every_endpoint_with_token(broker, workers):
         code, _, body = get(base, f"/users/{odd}/session", TOKEN)
         assert code in (400, 404) and orjson.loads(body)["error"], (odd, code, body[:200])
 
-    # tables: keys held here and partitions owned (a single worker owns all four)
-    tables = {t["name"]: t for t in get_json(base, "/tables", TOKEN)["tables"]}
+    # tables: keys held here and partitions owned (a single worker owns all four); the local store
+    # counts a key once its state is written, at most STATE_FLUSH_MS after its output
+    def tables_now():
+        return {t["name"]: t for t in get_json(base, "/tables", TOKEN)["tables"]}
+
+    tables = wait_until(lambda: (t := tables_now())["user_sessions"]["keys"] == len(users) and t,
+                        timeout=10, what="every user's state in the local store")
     sessions = tables["user_sessions"]
     assert sessions["keys"] == len(users) and sessions["keys_exact"]
     assert sessions["active_partitions"] == [0, 1, 2, 3]
@@ -270,10 +275,13 @@ def test_lookup_is_routed_to_the_owner(broker, workers):
         # no token configured: every endpoint is open
         for path in ("/stats", "/tables", "/dead-letters", "/model"):
             assert get(w.url, path)[0] == 200
-    # each worker counts only the keys of its own partitions
-    held = [sum(t["keys"] for t in get_json(w.url, "/tables")["tables"] if t["name"] == "user_sessions")
-            for w in (w1, w2)]
-    assert sum(held) == len(users) and all(held)
+    # each worker counts only the keys of its own partitions (once written: STATE_FLUSH_MS)
+    def held():
+        return [sum(t["keys"] for t in get_json(w.url, "/tables")["tables"] if t["name"] == "user_sessions")
+                for w in (w1, w2)]
+
+    counts = wait_until(lambda: sum(h := held()) == len(users) and h, timeout=10, what="every key counted")
+    assert all(counts)
 
 
 # -- the recent-scores ring (in process: no broker needed) -----------------------------------------

@@ -64,11 +64,11 @@ class RecordSink:
         self._cleared.set()
 
     async def wait(self, timeout: float) -> None:
-        """Until records are there, the sink is cleared (a rebalance), or `timeout` seconds passed."""
-        if self.chunks:
+        """Until records are there, the sink is cleared (a rebalance or a stop) or was cleared since
+        records were last taken, or `timeout` seconds passed."""
+        if self.chunks or self._cleared.is_set():
             return
         self._filled.clear()
-        self._cleared.clear()
         waits = [asyncio.ensure_future(self._filled.wait()), asyncio.ensure_future(self._cleared.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -91,6 +91,7 @@ class RecordSink:
         while not self.chunks:
             self._filled.clear()
             await self._filled.wait()
+        self._cleared.clear()
         out, n = [], 0
         while self.chunks and n < max_n:
             tp, records = self.chunks.popleft()

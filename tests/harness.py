@@ -165,6 +165,15 @@ def read_json(broker, topic: str, count: int, timeout: float = 60, key: str | No
     return [orjson.loads(r.value) for r in read_topic(broker, topic, enough, timeout)]
 
 
+def latest_states(broker, changelog: str, keys: set[str]) -> dict[str, dict]:
+    """The newest state per key in a table's changelog, for `keys`."""
+    latest: dict[str, dict] = {}
+    for r in read_topic(broker, changelog, timeout=5):
+        if r.key and r.value:
+            latest[r.key.decode()] = orjson.loads(r.value)
+    return {k: v["state"] for k, v in latest.items() if k in keys}
+
+
 async def _committed(broker, group: str, topic: str) -> dict[int, int | None]:
     consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()

@@ -5,7 +5,9 @@ import numpy as np
 
 from app.scorer import Scorer
 from app.usecases import CART
-from tests.harness import MODEL_DIR, produce_events, read_json
+from app.gate import key_hash
+from tests.flows import FLOWS
+from tests.harness import MODEL_DIR, committed, latest_states, produce_events, read_json
 from training import cart_sim
 from training.train import replay
 
@@ -64,3 +66,18 @@ def test_events_without_key_are_repartitioned_by_user(broker, workers):
         totals[o["user_id"]] = max(totals.get(o["user_id"], 0), n)
     expected = {u: len({o["session_id"] for o in out if o["user_id"] == u}) for u in totals}
     assert totals == expected
+
+
+def test_a_clean_stop_writes_the_state_left_unwritten_and_commits_every_offset(broker, workers):
+    """State is written behind; a stop (SIGTERM) must not leave it, or the offsets, behind."""
+    events = sample_events(n_users=12, seed=3)
+    w = workers("w1", env={"STATE_FLUSH_MS": "600000", "STATE_FLUSH_EVENTS": "1000000"})
+    produce_events(broker, "cart_events", events, "user_id")
+    read_json(broker, "personalization_scores", len(events), key="event_id")
+    w.stop()
+    expected = FLOWS["cart"].offline_states(events)
+    assert latest_states(broker, FLOWS["cart"].changelog(), set(expected)) == expected
+    ends = {p: 0 for p in range(4)}
+    for e in events:
+        ends[key_hash(e["user_id"].encode()) % 4] += 1
+    assert committed(broker, "scoring", "cart_events") == {p: n or None for p, n in ends.items()}  # None: empty

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.flows import FLOWS, Flow
-from tests.harness import committed, produce, produce_events, read_json, read_topic
+from tests.harness import committed, latest_states, produce, produce_events, read_json, read_topic
 
 every_flow = pytest.mark.parametrize("flow", list(FLOWS.values()), ids=list(FLOWS))
 
@@ -244,19 +244,6 @@ def test_replayed_dead_letters_are_scored_after_the_fix(flow: Flow, broker, work
     assert {s[flow.id] for s in scores} == {e[flow.id] for e in events}
 
 
-def _latest_states(broker, flow: Flow, keys: set[str]) -> dict[str, dict]:
-    latest: dict[str, dict] = {}
-
-    def done(rs):
-        for r in rs[len(done.seen):]:
-            latest[r.key.decode()] = orjson.loads(r.value)
-        done.seen = rs[:]
-        return False
-    done.seen = []
-    read_topic(broker, flow.changelog(), done, timeout=5)
-    return {k: v["state"] for k, v in latest.items() if k in keys}
-
-
 @every_flow
 @pytest.mark.parametrize("wipe", [False, True], ids=["keep-store", "wipe-store"])
 def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(flow: Flow, wipe, broker, workers,
@@ -311,5 +298,5 @@ def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(flow: 
 
     expected = flow.offline_states(events)
     worker.stop()  # a clean stop flushes the changelog
-    got = _latest_states(broker, flow, set(expected))
+    got = latest_states(broker, flow.changelog(), set(expected))
     assert got == expected, "state differs from a crash-free replay (lost or double-counted)"

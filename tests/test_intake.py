@@ -100,6 +100,12 @@ def test_waiting_for_records_ends_when_they_come_when_the_sink_is_cleared_or_at_
         loop.call_later(0.01, sink.clear)
         await asyncio.wait_for(sink.wait(10), 1)  # a rebalance: at once, so the state gets written
         assert not sink.chunks
+        await asyncio.wait_for(sink.wait(10), 1)  # and until records are taken again
+        await sink.put(consumer, A, recs(2, 2))
+        await sink.take(10)
+        t0 = loop.time()
+        await sink.wait(0.05)
+        assert loop.time() - t0 >= 0.05
     run(main())
 
 

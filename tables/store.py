@@ -68,10 +68,11 @@ class GatedTable(faust.Table):
         return out
 
     async def put_many(self, rows: list[tuple[int, str, dict]], generation) -> None:
-        """Write (partition, key, record) rows: local store first, then their changelog records.
+        """Write (partition, key, record) rows: every local store first, then their changelog records.
 
         The records must not be mutated afterwards: they are kept as the keys' recent values for
-        reads in the same consumer generation.
+        reads in the same consumer generation. The local writes all happen before the first await,
+        so a reader (the web view) never finds some partitions written and others not yet.
         """
         recent = self.recent
         if len(recent) + len(rows) > self.recent_max:
@@ -84,12 +85,13 @@ class GatedTable(faust.Table):
             if entries is None:
                 entries = by_partition[partition] = []
             entries.append((k, encode(value), None, k))
-        topic = self.changelog_topic.get_topic_name()
         for partition, entries in by_partition.items():
             batch = rocksdict.WriteBatch(raw_mode=True)
             for k, v, _, _ in entries:
                 batch.put(k, v)
             self.data._db_for_partition(partition).write(batch)
+        topic = self.changelog_topic.get_topic_name()
+        for partition, entries in by_partition.items():
             tp = TP(topic, partition)
             self.unconfirmed += [(fut, tp, keys) for fut, keys in
                                  await send_partition(self.app.producer, topic, partition, entries)]

@@ -21,8 +21,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from tests.flows import FLOWS
-from tests.harness import committed, produce_events, read_topic
-from tests.test_failure_semantics import _latest_states
+from tests.harness import committed, latest_states, produce_events, read_topic
 from tests.test_web import get, wait_until
 
 FLOW = FLOWS["cart"]
@@ -181,7 +180,7 @@ def check_no_loss_and_state(broker, ws, events: list[dict], label: str) -> list[
     wait_all_committed(broker, events)
     stop_all(ws)
     expected = FLOW.offline_states(events)
-    got = _latest_states(broker, FLOW, set(expected))
+    got = latest_states(broker, FLOW.changelog(), set(expected))
     differ = sorted(k for k in expected if got.get(k) != expected[k])
     assert not differ, f"{len(differ)} users' state differs from the single-worker reference, e.g. {differ[:5]}"
     print(f"\n[{label}] {len(events)} events of {len(expected)} users: every one scored, "

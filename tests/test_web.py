@@ -325,3 +325,26 @@ def test_quantile_from_cumulative_buckets():
     assert quantile(buckets, 0.99) == pytest.approx(0.982)
     assert quantile([[1.0, 0], ["+Inf", 0]], 0.5) is None
     assert quantile([[1.0, 1], ["+Inf", 10]], 0.99) == 1.0  # beyond the last bound: a lower bound
+
+
+def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tmp_path, monkeypatch):
+    import rocksdict
+    from faust.types import TP
+
+    from app import web
+
+    dbs = {}
+    for p, n in ((0, 30), (1, 20)):
+        dbs[p] = rocksdict.Rdict(str(tmp_path / f"p{p}"), options=rocksdict.Options(raw_mode=True))
+        for i in range(n):
+            dbs[p][b"k%d" % i] = b"v"
+        dbs[p][b"__faust\x00offset__"] = b"7"  # Faust's own key: not a table key
+    store = SimpleNamespace(_dbs=dbs, _visible_keys=lambda db: (k for k in db.keys() if not k.startswith(b"__faust")))
+    table = SimpleNamespace(changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"), data=store)
+    monkeypatch.setattr(web, "_assigned", lambda kind: {TP("t-changelog", 0), TP("t-changelog", 1), TP("other", 2)})
+    assert web._count_keys(table) == {"keys": 50, "keys_exact": True, "keys_by_partition": {"0": 30, "1": 20}}
+    monkeypatch.setattr(web, "KEY_COUNT_EXACT", 10)
+    estimated = web._count_keys(table)
+    assert not estimated["keys_exact"] and estimated["keys"] >= 50  # RocksDB's estimate, Faust's key included
+    for db in dbs.values():
+        db.close()

@@ -42,6 +42,10 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", "data")))
     model_dir: Path = field(default_factory=lambda: Path(_env("MODEL_DIR", "models")))
     partitions: int = field(default_factory=lambda: _int("TOPIC_PARTITIONS", 4))
+    # The pipelines this worker runs (app/usecases.py). Separate worker groups per pipeline scale and
+    # fail independently; on the embedded broker every subscribed partition also costs each fetch.
+    pipelines: tuple[str, ...] = field(default_factory=lambda: tuple(
+        p.strip() for p in _env("PIPELINES", "cart,fraud").split(",") if p.strip()))
     standby_replicas: int = field(default_factory=lambda: _int("STANDBY_REPLICAS", 0))
     # Session ends after this much event-time inactivity.
     session_gap_s: float = field(default_factory=lambda: _float("SESSION_GAP_MINUTES", 30) * 60)

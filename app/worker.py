@@ -84,7 +84,10 @@ class Pipeline:
                  len(self.usecase.feature_names))
 
 
-pipelines = {name: Pipeline(name) for name in USE_CASES}
+if not settings.pipelines or set(settings.pipelines) - set(USE_CASES):
+    raise SystemExit(f"configuration error: PIPELINES={','.join(settings.pipelines)!r}: "
+                     f"name one or more of {', '.join(USE_CASES)}")
+pipelines = {name: Pipeline(name) for name in settings.pipelines}
 
 
 # Loaded at import, so a worker with a missing or mismatched model refuses to start at all.

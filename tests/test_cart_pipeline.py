@@ -81,3 +81,21 @@ def test_a_clean_stop_writes_the_state_left_unwritten_and_commits_every_offset(b
     for e in events:
         ends[key_hash(e["user_id"].encode()) % 4] += 1
     assert committed(broker, "scoring", "cart_events") == {p: n or None for p, n in ends.items()}  # None: empty
+
+
+def test_a_worker_runs_only_the_pipelines_it_is_given(broker, workers):
+    from tests.test_web import get, get_json
+
+    w = workers("w1", env={"PIPELINES": "cart"})
+    events = sample_events(n_users=5, seed=9)
+    produce_events(broker, "cart_events", events, "user_id")
+    assert len(read_json(broker, "personalization_scores", len(events), key="event_id")) == len(events)
+    tables = {t["name"] for t in get_json(w.url, "/tables")["tables"]}
+    assert "user_sessions" in tables and "card_state" not in tables
+    assert get_json(w.url, "/cards/c1/state", status=404)["error"] == "no fraud pipeline on this deployment"
+    assert "transactions" not in {t for o in get_json(w.url, "/stats")["ownership"].values() for t in o}
+
+    bad = workers("w2", env={"PIPELINES": "cart,nope"}, start=False)
+    bad.start(wait_ready=False)
+    assert bad.proc.wait(60) != 0
+    assert "configuration error: PIPELINES='cart,nope'" in bad.log()

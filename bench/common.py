@@ -166,17 +166,30 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[i]
 
 
-def latency_stats(samples: list[tuple[float, int]]) -> dict:
-    """p50/p99/p99.9 in ms; and p50 of the first and last third (by event time) for growth."""
-    lat = [a - t for a, t in samples]
-    s = sorted(lat)
+def latency_stats(*rounds: list[tuple[float, int]]) -> dict:
+    """Latency of (arrival ms, event ts ms) samples, from one or more rounds of a step.
+
+    p50/p99/p99.9 over the samples of every round. Per round, then averaged: the p50 of its first
+    and last third by event time (growth over the step), and how many events were still on their way
+    when the last one was sent (about rate x latency for a pipeline that keeps up; growing with the
+    step's length for one that does not).
+    """
+    s = sorted(a - t for samples in rounds for a, t in samples)
     out = {"n": len(s), "p50_ms": _r(percentile(s, 50)), "p99_ms": _r(percentile(s, 99)),
            "p999_ms": _r(percentile(s, 99.9)), "max_ms": _r(s[-1] if s else None)}
-    by_ts = [a - t for a, t in sorted(samples, key=lambda x: x[1])]
-    third = len(by_ts) // 3
-    if third:
-        out["p50_first_third_ms"] = _r(percentile(sorted(by_ts[:third]), 50))
-        out["p50_last_third_ms"] = _r(percentile(sorted(by_ts[-third:]), 50))
+    firsts, lasts, in_flight = [], [], []
+    for samples in rounds:
+        by_ts = [a - t for a, t in sorted(samples, key=lambda x: x[1])]
+        third = len(by_ts) // 3
+        if third:
+            firsts.append(percentile(sorted(by_ts[:third]), 50))
+            lasts.append(percentile(sorted(by_ts[-third:]), 50))
+            last_sent = max(t for _, t in samples)
+            in_flight.append(sum(1 for a, _ in samples if a > last_sent))
+    if firsts:
+        out["p50_first_third_ms"] = _r(sum(firsts) / len(firsts))
+        out["p50_last_third_ms"] = _r(sum(lasts) / len(lasts))
+        out["in_flight_at_last_send"] = round(sum(in_flight) / len(in_flight))
     return out
 
 

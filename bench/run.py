@@ -17,7 +17,8 @@ down as it fills, which would otherwise penalise whatever runs last):
   4. worker memory (VmHWM of the workers), the worker's own predict-time metrics, the Scorer alone.
 Outputs are counted, and latencies taken, by a separate consumer in this process. Every producer and
 consumer runs in its own process, so CPU is shared as in production on this 2-core machine.
-Results: a markdown table on stdout, JSON in bench/results/<timestamp>.json and latest.json.
+Results: a markdown table on stdout, JSON in bench/results/<timestamp>.json and, for a run with the
+default settings (no --worker-env), bench/results/latest.json.
 """
 from __future__ import annotations
 
@@ -471,7 +472,8 @@ def save(result: dict) -> Path:
     path = RESULTS / f"{stamp}.json"
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     path.write_bytes(data)
-    (RESULTS / "latest.json").write_bytes(data)
+    if not result["config"].get("worker_env"):  # latest.json: the latest run with default settings
+        (RESULTS / "latest.json").write_bytes(data)
     return path
 
 
@@ -523,7 +525,7 @@ def main(argv=None) -> None:
     print(table(result))
     print()
     print(targets_table(result["targets"]))
-    say(f"results in {path.relative_to(ROOT)} and bench/results/latest.json ({result['total_seconds']} s)")
+    say(f"results in {path.relative_to(ROOT)} ({result['total_seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -121,8 +121,8 @@ def dead_letter(item: Item) -> Record:
 
 class Processor:
     def __init__(self, app, usecase: UseCase, table, scorer: Scorer, repartition_topic: str,
-                 policy: RetryPolicy, faults: Faults, max_event_bytes: int, flush_events: int = 20_000,
-                 flush_ms: float = 500.0) -> None:
+                 policy: RetryPolicy, faults: Faults, max_event_bytes: int, flush_events: int,
+                 flush_ms: float) -> None:
         self.app = app
         self.uc = usecase
         self.table = table
@@ -134,7 +134,7 @@ class Processor:
         self.partitions = app.conf.topic_partitions
         self.m = metrics.for_pipeline(usecase.name)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
-        self.on_failure = None  # set by the agent: an unexpected error while confirming a batch
+        self.on_failure = None  # set by the agent: an unexpected error while confirming a state write
         self.flush_events, self.flush_s = flush_events, flush_ms / 1000.0
         self._confirming: asyncio.Future | None = None  # the last write's confirmation and acks
         # written behind: key -> (partition, newest record), and the batches whose state it holds

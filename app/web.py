@@ -28,7 +28,7 @@ import hmac
 import logging
 import time
 import unicodedata
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 

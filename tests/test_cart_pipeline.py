@@ -84,7 +84,7 @@ def test_a_clean_stop_writes_the_state_left_unwritten_and_commits_every_offset(b
 
 
 def test_a_worker_runs_only_the_pipelines_it_is_given(broker, workers):
-    from tests.test_web import get, get_json
+    from tests.test_web import get_json
 
     w = workers("w1", env={"PIPELINES": "cart"})
     events = sample_events(n_users=5, seed=9)

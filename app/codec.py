@@ -87,7 +87,7 @@ def decode(raw: bytes | None, schema: Schema, max_bytes: int, check: Check | Non
     try:
         event = schema.decoder.decode(raw)  # rejects invalid UTF-8 as well as invalid JSON
     except msgspec.ValidationError as exc:
-        if not raw.lstrip()[:1] == b"{":
+        if raw.lstrip()[:1] != b"{":  # the value itself, not one of its fields
             raise Poison("decode", f"JSON value must be an object: {exc}") from None
         raise Poison("validate", str(exc)) from None
     except msgspec.DecodeError as exc:

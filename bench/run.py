@@ -17,8 +17,8 @@ down as it fills, which would otherwise penalise whatever runs last):
   4. worker memory (VmHWM of the workers), the worker's own predict-time metrics, the Scorer alone.
 Outputs are counted, and latencies taken, by a separate consumer in this process. Every producer and
 consumer runs in its own process, so CPU is shared as in production on this 2-core machine.
-Results: a markdown table on stdout, JSON in bench/results/<timestamp>.json and, for a run with the
-default settings (no --worker-env), bench/results/latest.json.
+Results: a markdown table on stdout, JSON in bench/results/<timestamp>.json and, for a full run with
+the default settings (no --quick, no --worker-env), bench/results/latest.json.
 """
 from __future__ import annotations
 
@@ -146,23 +146,29 @@ async def drain(reader: Reader, n: int, what: str, timeout_idle: float = 60) -> 
             "events_per_s": round(reader.count / secs) if secs else None}
 
 
-async def latency_step(bootstrap: str, in_topic: str, reader: Reader, rate: int, duration: float,
-                       workdir: Path, label: str, pid: int) -> tuple[dict, list]:
+async def latency_step(bootstrap: str, in_topic: str, out_topic: str, ts_field: str, rate: int,
+                       duration: float, workdir: Path, label: str, pid: int) -> tuple[dict, list]:
     """A warm-up (connections, metadata, first batches; not measured), then `rate` events/s for
-    `duration` seconds, read back by `reader`. Returns what was sent and received, and the samples."""
-    await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
-                              "--rate", "200", "--duration", "2", "--prefix", f"{label}-warm-"],
-                             workdir / f"loadgen-{label}.log")
-    await reader.wait_count(400, 10)
-    await asyncio.sleep(1)
-    reader.reset()
-    await asyncio.sleep(0.5)
-    cpu0 = cpu_seconds(pid)
-    say(f"  {label}: {rate} events/s for {duration} s")
-    gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
-                                    "--rate", str(rate), "--duration", str(duration),
-                                    "--prefix", f"{label}-{rate}-"], workdir / f"loadgen-{label}.log")
-    ok = await reader.wait_count(gen["sent"], 15)
+    `duration` seconds into `in_topic`, read back from `out_topic` by a reader of its own. Returns
+    what was sent and received, and the (arrival, `ts_field`) samples."""
+    reader = Reader(bootstrap, out_topic, ts_field, settings.fetch_wait_ms)
+    await reader.start()
+    try:
+        await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                                  "--rate", "200", "--duration", "2", "--prefix", f"{label}-warm-"],
+                                 workdir / f"loadgen-{label}.log")
+        await reader.wait_count(400, 10)
+        await asyncio.sleep(1)
+        reader.reset()
+        await asyncio.sleep(0.5)
+        cpu0 = cpu_seconds(pid)
+        say(f"  {label}: {rate} events/s for {duration} s")
+        gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                                        "--rate", str(rate), "--duration", str(duration),
+                                        "--prefix", f"{label}-{rate}-"], workdir / f"loadgen-{label}.log")
+        ok = await reader.wait_count(gen["sent"], 15)
+    finally:
+        await reader.stop()
     step = {"sent": gen["sent"], "achieved_rate": gen["rate"], "received": reader.count, "all_received": ok,
             "cpu_share": round((cpu_seconds(pid) - cpu0) / gen["seconds"], 2)}
     stats = latency_stats(reader.samples)
@@ -231,7 +237,7 @@ async def bench(args) -> dict:
     durations[5000] = args.duration * 1.5  # longer, to see whether latency grows
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     say(f"work dir {workdir}")
-    result: dict = {"config": {"events": n, "users": users, "partitions": 4, "rates": list(RATES), "rounds": args.rounds,
+    result: dict = {"config": {"events": n, "users": users, "partitions": 4, "rates": list(RATES), "rounds": args.rounds, "quick": args.quick,
                                "worker_env": args.worker_env,
                                "durations_s": {str(k): v for k, v in durations.items()},
                                "settings": {k: v for k, v in settings.describe().items()
@@ -320,24 +326,17 @@ async def bench(args) -> dict:
                                "--dst", "relay_out"], log)
                 procs.append(relay)
                 await wait_line(log, "READY", relay)
-                reader = Reader(broker.bootstrap, "relay_out", "ts", settings.fetch_wait_ms)
-                readers.append(reader)
-                await reader.start()
-                steps["bare"][rate].append(await latency_step(broker.bootstrap, "relay_in", reader, rate,
+                steps["bare"][rate].append(await latency_step(broker.bootstrap, "relay_in", "relay_out", "ts", rate,
                                                               durations[rate], workdir, "relay", relay.pid))
-                await reader.stop()
                 stop(relay)
 
                 worker = Worker(broker.url, workdir, env=args.worker_env,
                                 name=f"worker-latency-{rate}-{round_}").start()
                 procs.append(worker)
                 await worker.ready()
-                reader = Reader(broker.bootstrap, "personalization_scores", "event_ts", settings.fetch_wait_ms)
-                readers.append(reader)
-                await reader.start()
-                steps["worker"][rate].append(await latency_step(broker.bootstrap, "cart_events", reader, rate,
-                                                                durations[rate], workdir, "worker", worker.pid))
-                await reader.stop()
+                steps["worker"][rate].append(await latency_step(
+                    broker.bootstrap, "cart_events", "personalization_scores", "event_ts", rate, durations[rate],
+                    workdir, "worker", worker.pid))
                 m1 = worker.metrics()
                 status = proc_status(worker.pid)
                 if status.get("VmHWM", 0) >= mem_latency.get("VmHWM", 0):
@@ -472,7 +471,8 @@ def save(result: dict) -> Path:
     path = RESULTS / f"{stamp}.json"
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     path.write_bytes(data)
-    if not result["config"].get("worker_env"):  # latest.json: the latest run with default settings
+    if not result["config"].get("worker_env") and not result["config"].get("quick"):
+        # latest.json: the latest full run with default settings
         (RESULTS / "latest.json").write_bytes(data)
     return path
 

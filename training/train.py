@@ -6,15 +6,17 @@ Events go through the same `decode` (so numbers are typed exactly as online), th
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import lightgbm as lgb
 import numpy as np
 import orjson
 
+from app import registry
 from app.codec import decode
 from app.scorer import compiled
 from app.usecases import UseCase
@@ -32,20 +34,60 @@ def progress(label: str):
     return report
 
 
-def replay(uc: UseCase, events: list[dict], report=None) -> np.ndarray:
-    """Feature rows for `events` (in order), exactly as a worker computes them."""
+class Folded:
+    """What `fold` gives: one feature row per event (in order), the events the worker would have
+    dead-lettered at its `features` stage, and whatever `keep(state, event)` returned per event."""
+
+    __slots__ = ("rows", "failed", "kept")
+
+    def __init__(self, rows: np.ndarray, failed: list[tuple[int, str]], kept: list | None) -> None:
+        self.rows, self.failed, self.kept = rows, failed, kept
+
+
+def fold(uc: UseCase, raws: Sequence[bytes], report=None, keep=None, max_bytes: int = 1 << 20) -> Folded:
+    """Replay raw event values (in this order) exactly as a worker does: the same `decode`, the same
+    `apply` and `features`, one state per key, the state after each event read for its features.
+
+    An event whose `apply` or `features` raises is what the worker dead-letters at its `features`
+    stage: the state stays as it was, its row is NaN and its index is listed in `failed`. `keep`, if
+    given, is called with (state after, event) for every event and its results returned in order
+    (`None` for a failed event); training uses it to read labels off the serving state. Every
+    training path (simulated or recorded) comes through here.
+    """
     states: dict[str, dict] = {}
-    rows = np.empty((len(events), len(uc.feature_names)), dtype=np.float64)
-    step = max(1, len(events) // 20)
-    for i, raw in enumerate(events):
-        event = decode(orjson.dumps(raw), uc.schema, 1 << 20, uc.check)
-        key = event[uc.key_field]
-        state = uc.apply(states.get(key) or uc.new_state(), event)
-        states[key] = state
-        rows[i] = uc.features(state, event)
-        if report and ((i + 1) % step == 0 or i + 1 == len(events)):
-            report(i + 1, len(events))
-    return rows
+    n = len(raws)
+    rows = np.empty((n, len(uc.feature_names)), dtype=np.float64)
+    failed: list[tuple[int, str]] = []
+    kept: list | None = [] if keep is not None else None
+    schema, check, key_field = uc.schema, uc.check, uc.key_field
+    apply, features, new_state = uc.apply, uc.features, uc.new_state
+    step = max(1, n // 20)
+    for i, raw in enumerate(raws):
+        event = decode(raw, schema, max_bytes, check)
+        key = event[key_field]
+        try:
+            state = apply(states.get(key) or new_state(), event)
+            rows[i] = features(state, event)
+        except Exception as exc:  # as the worker: this event fails, the stream and the state go on
+            rows[i] = np.nan
+            failed.append((i, f"features: {type(exc).__name__}: {exc}"))
+            if kept is not None:
+                kept.append(None)
+        else:
+            states[key] = state
+            if kept is not None:
+                kept.append(keep(state, event))
+        if report and ((i + 1) % step == 0 or i + 1 == n):
+            report(i + 1, n)
+    return Folded(rows, failed, kept)
+
+
+def replay(uc: UseCase, events: list[dict], report=None) -> np.ndarray:
+    """Feature rows for `events` (dicts, in order), exactly as a worker computes them."""
+    folded = fold(uc, [orjson.dumps(raw) for raw in events], report)
+    if folded.failed:
+        raise ValueError(f"{len(folded.failed)} event(s) failed in the feature code, first: {folded.failed[0]}")
+    return folded.rows
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -93,13 +135,25 @@ def split(ts: np.ndarray, held_out: float = 0.2) -> tuple[np.ndarray, np.ndarray
     return ts < cut, ts >= cut
 
 
-def write_model(model_dir: Path, booster: lgb.Booster, meta: dict) -> dict:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    text = booster.model_to_string()
-    meta = {"version": hashlib.sha256(text.encode()).hexdigest()[:12], **meta}
-    (model_dir / "model.txt").write_text(text)
-    (model_dir / "meta.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-    for stale in model_dir.glob("model.*.so"):  # compiled earlier models
-        stale.unlink()
-    compiled(model_dir / "model.txt")  # now, so that workers start without compiling
+def iso(ms: int | float) -> str:
+    """Epoch ms as ISO 8601 UTC, to the millisecond."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def window(ts: np.ndarray) -> dict:
+    """The event-time span of training data, for the metadata."""
+    lo, hi = int(ts.min()), int(ts.max())
+    return {"from_ts": lo, "to_ts": hi, "from": iso(lo), "to": iso(hi)}
+
+
+def write_model(model_dir: Path, booster: lgb.Booster, meta: dict, files: dict | None = None,
+                current: bool = True) -> dict:
+    """Store the model as a version of the registry (`<model_dir>/<version>/`, app/registry.py) and,
+    when `current`, make it the model workers load (`<model_dir>/model.txt` + `meta.json`), compiled
+    now so that workers start without compiling. Returns the metadata, `version` first."""
+    meta = registry.save(model_dir, booster.model_to_string(),
+                         {**meta, "trained_at": meta.get("trained_at") or iso(time.time() * 1000)}, files)
+    if current:
+        registry.make_current(model_dir, meta["version"])
+        compiled(model_dir / registry.MODEL)
     return meta

@@ -8,7 +8,7 @@ import numpy as np
 from app.usecases import CART
 from tables.session import BASELINE_FEATURES
 from training import cart_sim
-from training.train import SEED, auc, fit, progress, replay, split, write_model
+from training.train import SEED, auc, fit, progress, replay, split, window, write_model
 
 
 def train(model_dir: Path, n_users: int = 4000, days: float = 14, rounds: int = 200) -> dict:
@@ -32,7 +32,8 @@ def train(model_dir: Path, n_users: int = 4000, days: float = 14, rounds: int = 
     }
     meta = write_model(model_dir, model, {
         "pipeline": "cart", "features": names, "metrics": metrics,
-        "training": {"users": n_users, "days": days, "rounds": rounds, "seed": SEED}})
+        "training": {"users": n_users, "days": days, "rounds": rounds, "seed": SEED},
+        "source": {"kind": "simulator", "module": "training.cart_sim", "seed": SEED}, "window": window(ts)})
     print(f"model {meta['version']}: held-out AUC {metrics['auc_holdout']} "
           f"(baseline without session recency: {metrics['auc_baseline_holdout']})")
     return meta

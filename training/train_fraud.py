@@ -15,24 +15,13 @@ import numpy as np
 from app.settings import settings
 from app.usecases import FRAUD
 from training import fraud_sim
-from training.train import SEED, auc, fit, progress, replay, split, write_model
+from training.evaluate import at_threshold
+from training.train import SEED, auc, fit, progress, replay, split, window, write_model
 
 
 # What a model without per-card state sees: the transaction alone. Trained beside the real model to
 # show what the card's recent history adds.
 BASELINE_FEATURES = ("amount", "channel", "mcc", "hour_of_day")
-
-
-def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    flagged = p >= threshold
-    tp = int((flagged & (y == 1)).sum())
-    n_flagged, n_fraud = int(flagged.sum()), int((y == 1).sum())
-    return {
-        "threshold": threshold,
-        "flagged": n_flagged,
-        "precision": round(tp / n_flagged, 4) if n_flagged else None,
-        "recall": round(tp / n_fraud, 4) if n_fraud else None,
-    }
 
 
 def train(model_dir: Path, n_cards: int = 3000, days: float = 30, rounds: int = 150) -> dict:
@@ -80,7 +69,8 @@ def train(model_dir: Path, n_cards: int = 3000, days: float = 30, rounds: int = 
     meta = write_model(model_dir, model, {
         "pipeline": "fraud", "features": names, "metrics": metrics,
         "training": {"cards": n_cards, "days": days, "rounds": rounds, "seed": SEED,
-                     "seconds": round(time.monotonic() - start, 1)}})
+                     "seconds": round(time.monotonic() - start, 1)},
+        "source": {"kind": "simulator", "module": "training.fraud_sim", "seed": SEED}, "window": window(ts)})
     print(f"model {meta['version']}: held-out AUC {metrics['auc_holdout']} (without card state: "
           f"{metrics['auc_baseline_holdout']}); "
           f"review >= {review['threshold']}: precision {review['precision']} recall {review['recall']}; "

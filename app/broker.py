@@ -43,8 +43,12 @@ class BrokerStartError(RuntimeError):
 class EmbeddedBroker:
     """One Tansu process on a loopback port; `url` is in Faust form (kafka://host:port)."""
 
-    def __init__(self, port: int | None = None, log_path: str | Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: str | Path | None = None,
+                 advertised: str | None = None) -> None:
         self.requested_port = port
+        # host:port clients are told to connect to (metadata), e.g. a TLS-terminating proxy in front
+        # of this broker; default: the broker's own listener.
+        self.advertised = advertised
         self.port: int | None = None
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
@@ -78,7 +82,8 @@ class EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+                 f"tcp://{self.advertised}" if self.advertised else url],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker directly

@@ -1,17 +1,27 @@
-"""Prometheus metrics. Updated once per micro-batch where possible, never logged per event."""
+"""Prometheus metrics. Updated once per micro-batch where possible, never logged per event.
+
+Names carry their unit (`_seconds`, `_bytes`, `_records`, `_events`, `_ratio`) and counters end in
+`_total`, as Prometheus' naming conventions ask. The process (CPU, memory, open files), GC and
+platform collectors are on the same registry, so one scrape of /metrics has them all.
+The Grafana dashboard and the alert rules in deploy/ use these names.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
+                               ProcessCollector)
 
 registry = CollectorRegistry()
+ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+GCCollector(registry=registry)  # python_gc_collections_total, ... per generation
+PlatformCollector(registry=registry)  # python_info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-EVENTS_IN = Counter("scoring_events_in_total", "Source records handled", ["pipeline"], registry=registry)
+EVENTS_IN = Counter("scoring_events_in_total", "Input records handled (a repartitioned record once)", ["pipeline"], registry=registry)
 SCORED = Counter("scoring_scored_total", "Events scored and published", ["pipeline"], registry=registry)
 DEAD = Counter("scoring_dead_letters_total", "Events sent to the dead-letter topic", ["pipeline", "stage"],
                registry=registry)
@@ -22,17 +32,56 @@ LATENCY = Histogram("scoring_end_to_end_seconds", "Event time to publish", ["pip
                     buckets=_LATENCY_BUCKETS, registry=registry)
 SCORE_SECONDS = Histogram("scoring_predict_seconds", "Model time per micro-batch", ["pipeline"],
                           buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5), registry=registry)
-SCORES = Histogram("scoring_score", "Distribution of scores", ["pipeline"],
+# A score is a probability in [0, 1]: a ratio.
+SCORES = Histogram("scoring_score_ratio", "Distribution of scores", ["pipeline"],
                    buckets=tuple(i / 10 for i in range(1, 11)), registry=registry)
-BATCH = Histogram("scoring_batch_size", "Events per micro-batch", ["pipeline"],
+BATCH = Histogram("scoring_batch_events", "Events per micro-batch", ["pipeline"],
                   buckets=(1, 5, 10, 50, 100, 250, 500, 1000), registry=registry)
 TABLE_KEYS = Gauge("scoring_table_keys", "Keys held on this worker", ["table"], registry=registry)
-LAG = Gauge("scoring_consumer_lag", "Records behind the end of the partition", ["topic", "partition"],
+LAG = Gauge("scoring_consumer_lag_records", "Records behind the end of the partition", ["topic", "partition"],
             registry=registry)
 REBALANCES = Counter("scoring_rebalances_total", "Partition rebalances seen by this worker", registry=registry)
 # Outcome of a decision-making pipeline (fraud: approve / review / decline), one per scored event.
 DECISIONS = Counter("scoring_decisions_total", "Scored events by decision", ["pipeline", "decision"],
                     registry=registry)
+# The model each pipeline scores with: scoring_model_info{pipeline="cart",version="c92dc2fadb4c"} 1.
+MODEL = Info("scoring_model", "Model a pipeline scores with", ["pipeline"], registry=registry)
+# Fill of each agent's intake (app/intake.py: fetched records not yet taken into a batch); at its
+# capacity (2 x BATCH_MAX records) fetching stops: backpressure.
+INTAKE_RECORDS = Gauge("scoring_intake_records", "Fetched records waiting in the intake", ["pipeline"],
+                       registry=registry)
+INTAKE_BYTES = Gauge("scoring_intake_bytes", "Bytes of the records waiting in the intake (keys and values)",
+                     ["pipeline"], registry=registry)
+# Records that took the repartition hop: keyed by something else than the state key, or by its
+# CRC32 (librdkafka's default partitioner) instead of murmur2. Each costs a second trip through the broker.
+REPARTITIONED = Counter("scoring_repartitioned_total", "Records forwarded through the repartition topic",
+                        ["pipeline"], registry=registry)
+# One write-behind flush of the state (RocksDB + changelog, until the broker acknowledged it).
+STATE_FLUSH = Histogram("scoring_state_flush_seconds", "Time to write and confirm the unwritten state",
+                        ["pipeline"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                2.5, 5, 10), registry=registry)
+
+
+# 1 while this worker's /ready answers 200 (recovery done, partitions assigned, no rebalance), else 0;
+# read at each scrape from the function given to `watch_readiness` (the web view's readiness check).
+READY = Gauge("scoring_ready", "1 when the worker is ready (as /ready), else 0", registry=registry)
+
+
+def watch_readiness(check) -> None:
+    """`check()` returns (ok, reason), as app/web.py's readiness check; evaluated at each scrape."""
+    READY.set_function(lambda: 1.0 if check()[0] else 0.0)
+
+
+def watch_intake(pipeline: str, sink) -> None:
+    """The intake gauges of `pipeline` read `sink.size` and `sink.bytes` (app/intake.py's RecordSink)
+    at each scrape: nothing is counted per batch."""
+    INTAKE_RECORDS.labels(pipeline).set_function(lambda: sink.size)
+    INTAKE_BYTES.labels(pipeline).set_function(lambda: sink.bytes)
+
+
+def set_model(pipeline: str, version: str) -> None:
+    """Publish the version of the model `pipeline` scores with (at load and at every reload)."""
+    MODEL.labels(pipeline).info({"version": str(version)})
 
 
 @dataclass(frozen=True)
@@ -47,6 +96,10 @@ class PipelineMetrics:
     scores: object
     batch_size: object
     decisions: object
+    intake_records: object = None
+    intake_bytes: object = None
+    state_flush_seconds: object = None
+    repartitioned: object = None
 
 
 def for_pipeline(name: str) -> PipelineMetrics:
@@ -61,6 +114,10 @@ def for_pipeline(name: str) -> PipelineMetrics:
         scores=SCORES.labels(name),
         batch_size=BATCH.labels(name),
         decisions=_Bound(DECISIONS, name),
+        intake_records=INTAKE_RECORDS.labels(name),
+        intake_bytes=INTAKE_BYTES.labels(name),
+        state_flush_seconds=STATE_FLUSH.labels(name),
+        repartitioned=REPARTITIONED.labels(name),
     )
 
 

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from app import intake
+from app.deadletters import Letter
 from app.settings import settings
 from app.worker import app, dead_letter_topic, policy
 from tables import dead_letter_stats as stats
 from tables.store import declare
 
 dead_letter_table = declare(app, "dead_letter_stats", help="dead letters per dead_letters partition")
-sink = intake.sink_for(app, dead_letter_topic, capacity=2 * settings.batch_max)
+sink = intake.sink_for(app, dead_letter_topic, capacity=2 * settings.batch_max,
+                       capacity_bytes=settings.intake_max_bytes)
 
 
 @app.agent(dead_letter_topic, name="dead_letters")
@@ -20,7 +22,7 @@ async def count_dead_letters(stream):
             current = rows[key][2] if key in rows else (
                 dead_letter_table.read_many(tp.partition, [key], batch.generation)[0] or stats.new_stats())
             for r in records:
-                current = stats.apply(current, r.offset, stats.header_map(r.headers), r.value)
+                current = stats.apply(current, r.offset, Letter.parse(r.headers), r.value)
             rows[key] = (tp.partition, key, current)
         await dead_letter_table.put_many(list(rows.values()), batch.generation)
         await dead_letter_table.confirm(policy, lambda keys: dead_letter_table.put_many(

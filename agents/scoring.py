@@ -1,15 +1,18 @@
 """The scoring agents: micro-batches of raw records through the shared processor.
 
-Per-event errors are handled inside the processor. Anything that still escapes is a bug; Faust would
+Per-event errors are handled inside the processor: whatever one record raises makes it a dead
+letter. What still escapes is a fault of the process (the broker, the disk) or a bug; Faust would
 restart the agent and the batch in flight would be lost, or leave the worker alive doing nothing.
-So the worker exits instead: the batch was not acked, and a restart replays it.
+So the worker exits instead: the batch was not acked, and a restart replays it. A record that kills
+the process itself is noticed at the next start and set aside after two deaths (app/quarantine.py).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
-from app import collector, intake
+from app import collector, intake, metrics, quarantine
 from app.settings import settings
 from app.worker import app, pipelines
 
@@ -23,15 +26,28 @@ def _exit(pipeline, exc: BaseException) -> None:
 
 
 def _agent_for(pipeline):
-    sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max)
+    sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max,
+                           capacity_bytes=settings.intake_max_bytes)
+    metrics.watch_intake(pipeline.usecase.name, sink)
     processor = pipeline.processor
     processor.on_failure = lambda exc: _exit(pipeline, exc)
+    topics = set(pipeline.input.topics)
+    processor.assignment = lambda: {tp for tp in app.consumer.assignment() if tp.topic in topics}
+    crashes = quarantine.open_for(settings.data_dir, pipeline.usecase.name)
 
     async def score(stream):
         try:
             async for batch in intake.batches(stream, sink, settings.batch_max, writer=processor):
-                await processor.handle(batch)
+                pieces = crashes.pieces(batch.spans)
+                parts = [batch] if len(pieces) == 1 and pieces[0][1] is None else batch.split([p for p, _ in pieces])
+                for part, (_, deaths) in zip(parts, pieces):
+                    crashes.begin(part.spans)
+                    await processor.handle(part, set_aside=deaths if deaths is not None and deaths >= quarantine.DEATHS else None)
+                    crashes.end(part.spans)
                 collector.between_batches()
+        except asyncio.CancelledError:
+            crashes.end([])  # a clean stop is no death
+            raise
         except Exception as exc:
             _exit(pipeline, exc)
 

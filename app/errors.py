@@ -1,4 +1,4 @@
-"""The two kinds of failure the pipeline distinguishes.
+"""The kinds of failure the pipeline distinguishes.
 
 `Poison`: the event can never succeed (bad bytes, bad fields, a model that rejects it). It goes to
 the dead-letter topic at once. `Transient`: the same call may succeed later (a send timed out, a
@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.errors import KafkaError
-
-STAGES = ("decode", "validate", "features", "score", "publish")
-
 
 class Poison(Exception):
     def __init__(self, stage: str, message: str) -> None:
@@ -31,4 +28,5 @@ def is_transient(exc: BaseException) -> bool:
             "KafkaTimeoutError", "RequestTimedOutError", "NotLeaderForPartitionError",
             "KafkaConnectionError", "NodeNotReadyError",
         }
-    return isinstance(exc, (Transient, asyncio.TimeoutError, ConnectionError, TimeoutError))
+    # a delivery cancelled by a producer that stops: the record was not refused
+    return isinstance(exc, (Transient, asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, TimeoutError))

@@ -5,14 +5,20 @@ drill) can switch a failure on and off while the worker runs:
     publish:<topic>          every send to <topic> fails (as a broker that refuses it would)
     score:<pipeline>         scoring of <pipeline> raises a transient error
     score_poison:<event id>  the model raises on the row of that event (a poison input)
+    crash:<event id>         the worker process dies (SIGKILL) when it reads that event, as a
+                             native crash on a record would: every worker that takes it dies
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 
 from aiokafka.errors import KafkaTimeoutError
 
 from app.errors import Transient
+
+log = logging.getLogger(__name__)
 
 
 class Faults:
@@ -43,6 +49,13 @@ class Faults:
     def check_score(self, pipeline: str) -> None:
         if f"score:{pipeline}" in self.rules:
             raise Transient(f"injected transient scoring failure for {pipeline}")
+
+    def crash_ids(self) -> frozenset[str]:
+        return frozenset(rule[6:] for rule in self.rules if rule.startswith("crash:"))
+
+    def crash(self, event_id: str) -> None:
+        log.critical("fault injection: crash on event %s", event_id)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def poisoned(self, event_ids: list[str]) -> str | None:
         rules = self.rules

@@ -30,6 +30,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 import types
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -39,32 +41,51 @@ from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
 
+from app import security
+
+log = logging.getLogger(__name__)
+
 _open_store = faust_rocksdb.RocksDBOptions.open
 _Thread = faust_aiokafka.AIOKafkaConsumerThread
 _create_worker_consumer = _Thread._create_worker_consumer
 _highwaters = _Thread._highwaters
 
 
-async def read_true_ends(bootstrap, reported: dict) -> dict:
-    """Read from each reported end until nothing more comes back; return the real ends."""
+async def read_true_ends(bootstrap, reported: dict, limit_s: float = 5.0) -> dict:
+    """Read from each reported end until nothing more comes back; return the real ends.
+
+    Done when every partition has had a fetch answered (its high watermark is known: an empty round
+    before that is only a slow broker) and a round then brings nothing. A partition that other
+    workers keep writing (a standby's changelog) never stops growing: after `limit_s` the ends seen
+    so far are returned, and recovery catches up from there as usual."""
     ends = dict(reported)
     if not ends:
         return ends
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50,
-                             isolation_level="read_uncommitted")
+                             isolation_level="read_uncommitted", **security.client_kwargs())
     await probe.start()
     try:
         # Faust's TP and aiokafka's TopicPartition are equal tuples: one mapping serves both.
-        probe.assign([TopicPartition(*tp) for tp in ends])
+        tps = [TopicPartition(*tp) for tp in ends]
+        probe.assign(tps)
         for tp, end in ends.items():
             probe.seek(TopicPartition(*tp), end)
-        while True:
+        deadline = time.monotonic() + limit_s
+        quiet = 0
+        while time.monotonic() < deadline:
             batch = await probe.getmany(timeout_ms=200)
-            if not batch:
-                return ends
-            for tp, records in batch.items():
-                if records:
-                    ends[tp] = max(ends[tp], records[-1].offset + 1)
+            if batch:
+                quiet = 0
+                for tp, records in batch.items():
+                    if records:
+                        ends[tp] = max(ends[tp], records[-1].offset + 1)
+            elif all(probe.highwater(tp) is not None for tp in tps):
+                quiet += 1
+                if quiet >= 2:
+                    return ends
+        log.info("end offsets of %d partition(s) still moving after %.0f s: using the ends read so far",
+                 len(ends), limit_s)
+        return ends
     finally:
         await probe.stop()
 
@@ -132,6 +153,36 @@ def install(fetch_wait_ms: int) -> None:
         options.disable_wal = True
         db.set_write_options(options)
         return db
+
+    # 5. Pass-through client options (KAFKA_CONSUMER_* / KAFKA_PRODUCER_*, app/settings.py). Faust
+    # builds its clients from its own settings only. The producer's kwargs end with Faust's
+    # `Producer._settings_extra()` (also used by the threaded producer): the options are merged there.
+    # The consumer has no such hook (`_create_worker_consumer` / `_create_client_consumer` call
+    # `aiokafka.AIOKafkaConsumer(...)` with fixed kwargs), so the driver module's `aiokafka` is given
+    # a stand-in whose AIOKafkaConsumer adds the options; every other name is the real module's.
+    from app.settings import settings
+
+    producer_options, consumer_options = dict(settings.producer_options), dict(settings.consumer_options)
+    if producer_options:
+        settings_extra = faust_aiokafka.Producer._settings_extra
+
+        def settings_extra_with_options(self):
+            return {**settings_extra(self), **producer_options}
+
+        faust_aiokafka.Producer._settings_extra = settings_extra_with_options
+    if consumer_options:
+        real = getattr(faust_aiokafka.aiokafka, "real_module", faust_aiokafka.aiokafka)
+
+        class AiokafkaWithConsumerOptions(types.ModuleType):
+            real_module = real
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def AIOKafkaConsumer(self, *topics, **kwargs):  # noqa: N802  (stands in for the class)
+                return real.AIOKafkaConsumer(*topics, **{**kwargs, **consumer_options})
+
+        faust_aiokafka.aiokafka = AiokafkaWithConsumerOptions("aiokafka")
 
     faust_rocksdb.RocksDBOptions.open = open_without_wal
     _Thread._create_worker_consumer = create_worker_consumer

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
+
+from app.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +90,32 @@ async def send_partition(producer, topic: str, partition: int, entries: list[tup
     of that batch) per batch.
     """
     kafka = producer._ensure_producer()
+    limit = getattr(kafka, "_max_request_size", None)
     sent = []
     batch, members = kafka.create_batch(), []
     for key, value, headers, member in entries:
-        if members and batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-            sent.append((await _submit(producer, topic, partition, batch), members))
-            batch, members = kafka.create_batch(), []
-        if not members:
-            batch.append(key=key, value=value, timestamp=None, headers=headers)
+        if limit is not None and _size(key, value, headers) > limit:
+            # as `send()` refuses it; the broker's message.max.bytes would refuse it anyway
+            sent.append((failed_future(MessageSizeTooLargeError(
+                f"record of about {_size(key, value, headers)} bytes is larger than {limit}")), [member]))
+            continue
+        try:
+            appended = batch.append(key=key, value=value, timestamp=None, headers=headers)
+            if appended is None:  # the batch is full: it goes, and the record opens the next one
+                sent.append((await _submit(producer, topic, partition, batch), members))
+                batch, members = kafka.create_batch(), []
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+        except Exception as exc:  # a record aiokafka cannot write (a header it cannot encode): it alone fails
+            sent.append((failed_future(exc), [member]))
+            continue
         members.append(member)
     if members:
         sent.append((await _submit(producer, topic, partition, batch), members))
     return sent
+
+
+def _size(key: bytes | None, value: bytes | None, headers) -> int:
+    return len(key or b"") + len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers or ())
 
 
 @lru_cache(maxsize=1 << 16)
@@ -165,24 +182,39 @@ def failed_future(exc: BaseException) -> asyncio.Future:
 
 
 async def publish(producer, records: list[Record], policy: RetryPolicy, on_retry=None) -> list[Record]:
-    """Publish and await delivery; return the records still failing once the budget is spent."""
-    pending = records
+    """Publish and await delivery; return the records still failing once the budget is spent.
+
+    An error that retrying cannot fix (a record too large, an invalid topic) is not retried."""
+    pending, given_up = records, []
     for attempt in range(1, policy.attempts + 1):
         pending = await _send_round(producer, pending)
+        given_up += [r for r in pending if not is_transient(r.error)]
+        pending = [r for r in pending if is_transient(r.error)]
         if not pending:
-            return []
+            return given_up
         if on_retry is not None:
             on_retry(pending)
         if attempt < policy.attempts:
             await asyncio.sleep(policy.backoff_s(attempt))
-    return pending
+    return given_up + pending
 
 
-async def publish_until_acknowledged(producer, records: list[Record], policy: RetryPolicy, on_retry=None) -> None:
-    """For dead letters: there is nowhere further to put them, so wait out the outage."""
+class Unpublishable(Exception):
+    """A dead letter the broker refuses for good, even cut to its headers: the process cannot go on."""
+
+
+async def publish_until_acknowledged(producer, records: list[Record], policy: RetryPolicy, on_retry=None,
+                                     shrink=None) -> None:
+    """For dead letters: there is nowhere further to put them, so wait out a transient outage.
+
+    A letter refused for good is handed to `shrink(record)`, which makes it smaller and returns True
+    to have it sent again, or False; then `Unpublishable` is raised, never an endless retry."""
     attempt = 0
     while records:
         records = await _send_round(producer, records)
+        for r in records:
+            if not is_transient(r.error) and (shrink is None or not shrink(r)):
+                raise Unpublishable(f"dead letter refused for good by the broker: {r.error!r}")
         if records:
             attempt += 1
             if on_retry is not None:

@@ -40,16 +40,24 @@ log = logging.getLogger(__name__)
 _sinks: dict[str, "RecordSink"] = {}  # topic name -> the sink of the agent that reads it
 
 
-class RecordSink:
-    """Fetched record lists of one agent's topics, bounded by a record count.
+def _bytes_of(records: list) -> int:
+    return sum(len(r.value or b"") + len(r.key or b"") for r in records)
 
-    A full sink holds up the fetcher (backpressure reaches the broker, not memory).
+
+class RecordSink:
+    """Fetched record lists of one agent's topics, bounded by a record count and by their bytes.
+
+    A full sink holds up the fetcher (backpressure reaches the broker, not memory): a burst of large
+    records is held back as a burst of many small ones is. A single fetch larger than the byte bound
+    is still taken when the sink is empty, or nothing would ever move.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, capacity_bytes: int = 64 << 20) -> None:
         self.capacity = capacity
-        self.chunks: deque = deque()  # (topic-partition, records in offset order)
+        self.capacity_bytes = capacity_bytes
+        self.chunks: deque = deque()  # (topic-partition, records in offset order, their bytes)
         self.size = 0
+        self.bytes = 0
         self._filled = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -58,7 +66,7 @@ class RecordSink:
     def clear(self) -> None:
         """Called by Faust's flow control when flow stops and when it resumes."""
         self.chunks.clear()
-        self.size = 0
+        self.size = self.bytes = 0
         self._filled.clear()
         self._room.set()
         self._cleared.set()
@@ -76,14 +84,19 @@ class RecordSink:
             for w in waits:
                 w.cancel()
 
+    def full(self) -> bool:
+        return self.size >= self.capacity or self.bytes >= self.capacity_bytes
+
     async def put(self, consumer, tp, records: list) -> None:
-        while self.size >= self.capacity:
+        while self.full():
             self._room.clear()
             await self._room.wait()
             if not consumer.flow_active:
                 return  # a rebalance: read again from the committed offset once it is over
-        self.chunks.append((tp, records))
+        size = _bytes_of(records)
+        self.chunks.append((tp, records, size))
         self.size += len(records)
+        self.bytes += size
         self._filled.set()
 
     async def take(self, max_n: int) -> list[tuple]:
@@ -94,25 +107,28 @@ class RecordSink:
         self._cleared.clear()
         out, n = [], 0
         while self.chunks and n < max_n:
-            tp, records = self.chunks.popleft()
+            tp, records, size = self.chunks.popleft()
             if len(records) > max_n - n:
-                self.chunks.appendleft((tp, records[max_n - n:]))
-                records = records[:max_n - n]
+                rest = records[max_n - n:]
+                rest_size = _bytes_of(rest)
+                self.chunks.appendleft((tp, rest, rest_size))
+                records, size = records[:max_n - n], size - rest_size
             out.append((tp, records))
             n += len(records)
+            self.bytes -= size
         self.size -= n
-        if self.size < self.capacity:
+        if not self.full():
             self._room.set()
         return out
 
 
-def sink_for(app, topic, capacity: int) -> RecordSink:
+def sink_for(app, topic, capacity: int, capacity_bytes: int = 64 << 20) -> RecordSink:
     """Route the records of `topic` (a Faust topic, maybe of several names) into a new sink.
 
     Call it when the agent is declared: a record of an intake topic that reached Faust's path
     would be tracked and never acked, and hold up every commit and rebalance.
     """
-    sink = RecordSink(capacity)
+    sink = RecordSink(capacity, capacity_bytes)
     for name in topic.topics:
         _sinks[name] = sink
     app.flow_control.manage_queue(sink)
@@ -155,8 +171,18 @@ class Batch:
         self.refcount = 1  # read by Faust's log line while a rebalance waits
         consumer._unacked_messages.add(self)
 
-    def ack(self) -> None:
-        """`Consumer.ack` for every record, in one step."""
+    def split(self, pieces: list[list[tuple]]) -> list["Batch"]:
+        """This batch as several, each of some of its spans, to be handled and acked one by one."""
+        parts = [Batch(self.consumer, self.generation, spans) for spans in pieces]
+        with ack_lock:
+            self.acked = True
+            self.consumer._unacked_messages.discard(self)
+        return parts
+
+    def ack(self, owned=None) -> None:
+        """`Consumer.ack` for every record, in one step; with `owned(tp)`, only for the partitions it
+        owns: the records of the others are let go unacked (this worker lost them, their new owner
+        commits them, and an ack here could commit an older offset over its own)."""
         c = self.consumer
         acks_enabled_for = c.app.topics.acks_enabled_for
         with ack_lock:
@@ -164,7 +190,7 @@ class Batch:
                 return
             self.acked = True
             for tp, records in self.spans:
-                if not acks_enabled_for(tp.topic):
+                if not acks_enabled_for(tp.topic) or owned is not None and not owned(tp):
                     continue
                 committed = c._committed_offset[tp]
                 index = c._acked_index[tp]
@@ -177,43 +203,132 @@ class Batch:
             notify(c._waiting_for_ack)
 
 
-class OffsetGuard:
-    """Next expected offset per partition; skips records seen before, rewinds the consumer over holes."""
+class LogProbe:
+    """Reads where the log itself has its next record, with a consumer of its own (no group)."""
 
-    def __init__(self, consumer) -> None:
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.bootstrap, self.group = bootstrap, group
+        self._consumer = None
+        self._group_reader = None
+
+    async def committed(self, tp) -> int | None:
+        """The group's committed offset of `tp`, from the broker (without joining the group)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from app import security
+
+        if self._group_reader is None:
+            self._group_reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group,
+                                                  enable_auto_commit=False, **security.client_kwargs())
+            await self._group_reader.start()
+        return await self._group_reader.committed(TopicPartition(tp.topic, tp.partition))
+
+    async def first_offset(self, tp, offset: int) -> int | None:
+        """The offset of the first record at or after `offset` in the log; None if none came within 2 s."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from app import security
+
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                              fetch_max_wait_ms=100, **security.client_kwargs())
+            await self._consumer.start()
+        probe, target = self._consumer, TopicPartition(tp.topic, tp.partition)
+        probe.assign([target])
+        probe.seek(target, offset)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            got = await probe.getmany(target, timeout_ms=300, max_records=1)
+            if got.get(target):
+                return got[target][0].offset
+        return None
+
+    async def stop(self) -> None:
+        for client in (self._consumer, self._group_reader):
+            if client is not None:
+                await client.stop()
+        self._consumer = self._group_reader = None
+
+
+class OffsetGuard:
+    """Next expected offset per partition; skips records seen before, rewinds the consumer over holes.
+
+    Gaps in offsets are normal in Kafka: transaction control markers (a transactional producer's
+    partitions always have them; aiokafka skips them), compaction, and a log start that retention
+    moved past the committed offset. Such a gap is not a hole: before rewinding, the guard asks the
+    log itself (`LogProbe`) where its next record is. Where the log has none before the record that
+    came, the gap is real and the partition moves on; where it has, records went missing in the
+    consumer and are fetched again. For a partition whose committed offset Faust does not know (never
+    committed, or not in Faust's books yet), the group's committed offset is asked of the broker,
+    and where there is none the partition is expected from the start of its log: a hole at its very
+    start is noticed too (Faust would commit past it).
+    """
+
+    def __init__(self, consumer, probe: LogProbe | None = None) -> None:
         self.consumer = consumer
+        self.probe = probe
         self.generation = None
         self.expected: dict = {}
+        self.unknown: set = set()  # assigned, with no committed offset in Faust's books
         self.rewinding: dict = {}  # partition -> when it was last sought back
 
-    def on_generation(self, generation) -> None:
+    def on_generation(self, generation, assigned=()) -> None:
         if generation != self.generation:
             # after a rebalance Faust has sought every partition to its committed offset
             self.generation = generation
             self.expected = {tp: o for tp, o in self.consumer._committed_offset.items() if o is not None}
+            self.unknown = {tp for tp in assigned if tp not in self.expected}
             self.rewinding.clear()
+
+    async def _learn(self, tp) -> None:
+        self.unknown.discard(tp)
+        try:
+            start = await self.probe.committed(tp)
+            if start is None:
+                start = await self.probe.first_offset(tp, 0)
+        except Exception as exc:
+            log.warning("could not read where %s starts: %r", tp, exc)
+            return
+        if start is not None:
+            self.expected[tp] = start
 
     async def admit(self, tp, records: list) -> list:
         """The records of `records` (one partition, offset order) to process now."""
+        if tp in self.unknown and self.probe is not None:
+            await self._learn(tp)
         expected = self.expected.get(tp)
         if expected is not None:
             if records[0].offset < expected:
                 records = [r for r in records if r.offset >= expected]
                 if not records:
                     return records
-            if records[0].offset > expected:
-                await self._rewind(tp, expected, records[0].offset)
+            if records[0].offset > expected and not await self._gap(tp, expected, records[0].offset):
                 return []
         if records[-1].offset - records[0].offset + 1 != len(records):  # a hole inside the fetch
             run = 1
             while records[run].offset == records[run - 1].offset + 1:
                 run += 1
-            await self._rewind(tp, records[run - 1].offset + 1, records[run].offset)
-            records = records[:run]
+            if not await self._gap(tp, records[run - 1].offset + 1, records[run].offset):
+                records = records[:run]
         else:
             self.rewinding.pop(tp, None)
         self.expected[tp] = records[-1].offset + 1
         return records
+
+    async def _gap(self, tp, expected: int, found: int) -> bool:
+        """True if the log has no record in expected..found-1 (the fetch lost nothing); else rewind."""
+        if self.probe is not None:
+            try:
+                first = await self.probe.first_offset(tp, expected)
+            except Exception as exc:
+                log.warning("could not read %s from %s to check a gap: %r", tp, expected, exc)
+                first = None
+            if first is not None and first >= found:
+                log.info("offsets %s..%s of %s are not in the log (transaction markers, compaction or "
+                         "retention); moving on", expected, found - 1, tp)
+                return True
+        await self._rewind(tp, expected, found)
+        return False
 
     async def _rewind(self, tp, expected: int, found: int) -> None:
         # Seek again if the last seek did not bring the records back within a second: Faust
@@ -230,6 +345,10 @@ class OffsetGuard:
             log.warning("seek of %s to %s failed: %r", tp, expected, exc)
 
 
+def bootstrap_of(app) -> str:
+    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
+
+
 async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIterator[Batch]:
     """The agent's loop: batches of up to `max_n` records, with no fixed wait.
 
@@ -244,7 +363,7 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
     app = stream.app
     consumer = app.consumer
     inbound = app.monitor.stream_inbound_time  # Faust's stall check reads when a partition last moved
-    guard = OffsetGuard(consumer)
+    guard = OffsetGuard(consumer, LogProbe(bootstrap_of(app), app.conf.id))
     stream.channel.__aiter__()  # subscribes the topics with the conductor, as `async for` would
     while True:
         if writer is not None and not sink.chunks:
@@ -257,8 +376,8 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
         chunks = await sink.take(max_n)
         await app.flow_control.acquire()  # returns at once unless a rebalance/recovery is under way
         generation = app.consumer_generation_id
-        guard.on_generation(generation)
         assigned = consumer.assignment()
+        guard.on_generation(generation, [tp for tp in assigned if tp.topic in stream.channel.topics])
         spans = []
         for tp, records in chunks:
             if tp in assigned:

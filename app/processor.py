@@ -6,8 +6,9 @@ The order of effects is what makes a crash harmless:
   3. only then are the source events acked, so Faust may commit their offsets.
 A crash before 2 replays the events against the old state: same features, duplicate outputs.
 A crash between 2 and 3 replays events whose state is already written: the per-key record of the
-last applied source offset (`applied`) recognises them and they are skipped, their outputs having
-been delivered in step 1. So state is never double-counted and no event goes without an output.
+last applied offset of each stream (`applied`; a replayed dead letter by its lineage, see
+app/lineage.py) recognises them and they are skipped, their outputs having been delivered in step 1.
+So state is never double-counted and no event goes without an output.
 
 An event contributes to state only if its output was delivered; a dead-lettered event does not,
 so replaying its dead letter later applies it exactly once.
@@ -32,97 +33,107 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from functools import lru_cache
 from itertools import chain
 
 import numpy as np
 
-from app import metrics
+from app import deadletters, lineage, metrics
 from app.codec import decode, encode
 from app.errors import Poison, is_transient
 from app.faults import Faults
 from app.gate import Record, RetryPolicy, key_hash, publish, publish_until_acknowledged
+from app.quarantine import PoisonPill
 from app.scorer import Scorer
 from app.usecases import UseCase
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_TOPIC = "dead_letters"
-# Headers that carry a record's first coordinates through the repartition hop, so that dead
-# letters and idempotency refer to the record the producer actually wrote.
-ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
-# Set by the dead-letter replay: how often this record was replayed, and the coordinates of the
-# record its lineage started from (so the replay command can pick the latest letter of each).
-REPLAY_HEADERS = ("replay.count", "replay.of")
-
-
-_NO_HEADERS: dict = {}  # shared, read only
+# Replayed events applied per key, remembered by lineage so that a second replay of the same dead
+# letter changes nothing; the oldest is forgotten first (bounded state).
+REPLAYED_MAX = 32
 ROUTES_MAX = 1 << 17  # cached key routes (bytes, partition); cleared when full
-
-
-@lru_cache(maxsize=4096)
-def _source_name(topic: str, partition: int) -> str:
-    """Key of a source partition in a state record's `applied` map."""
-    return f"{topic}:{partition}"
 
 
 class Item:
     """One source record on its way through the batch."""
 
-    __slots__ = ("record", "origin", "source", "headers", "value", "key", "features", "state",
-                 "score", "reasons", "stage", "error", "attempts", "output", "encoded")
+    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state", "after",
+                 "score", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded", "outgoing")
 
     def __init__(self, record) -> None:
-        self.record = msg = record
-        self.headers = dict(msg.headers) if msg.headers else _NO_HEADERS
-        if ORIGIN[0] in self.headers:
-            self.origin = (self.headers[ORIGIN[0]].decode(), int(self.headers[ORIGIN[1]]),
-                           int(self.headers[ORIGIN[2]]))
-        else:
-            self.origin = (msg.topic, msg.partition, msg.offset)
-        self.source = _source_name(self.origin[0], self.origin[1])
+        self.record = record
+        self.origin = (record.topic, record.partition, record.offset)  # until its headers are read
+        self.stream = None
+        self.replay = None
         self.value = None
         self.key = None
         self.features = None
         self.state = None
+        self.after = None  # the key's state record after this event
         self.score = None
         self.reasons = None
         self.stage = None
         self.error = None
         self.attempts = 1
+        self.duplicate = False  # already in the state: its output was delivered before
         self.output = None
         self.encoded = None
+        self.outgoing = None  # the output record to publish
 
     def fail(self, stage: str, error: BaseException, attempts: int = 1) -> None:
         self.stage, self.error, self.attempts = stage, error, attempts
 
     @property
     def ok(self) -> bool:
-        return self.stage is None
+        return self.stage is None and not self.duplicate
 
 
-def dead_letter(item: Item) -> Record:
-    """Original key and value bytes untouched; the error context in headers (as KIP-1034)."""
+def fold(uc: UseCase, record: dict | None, items: list[Item]) -> None:
+    """Apply one key's events in order to its state record; each applied item gets its features and
+    `after`, the record after it. Items that failed already are left out; an item found in the
+    record (a replay) is marked a duplicate. The one fold of the pipeline: a key is folded again,
+    from the same record, when one of its events fails later (see `Processor._score_all`)."""
+    if record is None:
+        state, applied, replayed = uc.new_state(), {}, []
+    else:
+        state, applied, replayed = record["state"], record["applied"], record.get("replayed", [])
+    apply, features = uc.apply, uc.features
+    for it in items:
+        if it.stage is not None:
+            continue
+        replay = it.replay
+        if replay is not None and replay[0] in replayed or replay is None and applied.get(it.stream, -1) >= it.origin[2]:
+            it.duplicate = True
+            continue
+        try:
+            new = apply(state, it.value)
+            it.features = features(new, it.value)
+        except Exception as exc:
+            it.fail("features", exc)
+            continue
+        state = it.state = new
+        if replay is None:
+            applied = {**applied, it.stream: it.origin[2]}
+        else:
+            replayed = [*replayed[-(REPLAYED_MAX - 1):], replay[0]]
+        it.after = {"state": state, "applied": applied, "replayed": replayed} if replayed else \
+            {"state": state, "applied": applied}
+
+
+def dead_letter(item: Item, max_bytes: int, now_ms: int) -> Record:
     msg = item.record
     topic, partition, offset = item.origin
-    headers = [
-        ("errors.exception", type(item.error).__name__.encode()),
-        ("errors.message", str(item.error)[:1000].encode()),
-        ("errors.stage", item.stage.encode()),
-        ("errors.topic", topic.encode()),
-        ("errors.partition", str(partition).encode()),
-        ("errors.offset", str(offset).encode()),
-        ("errors.attempts", str(item.attempts).encode()),
-        ("errors.ts", str(int(time.time() * 1000)).encode()),
-    ]
-    headers += [(h, item.headers[h]) for h in REPLAY_HEADERS if h in item.headers]
-    return Record(DEAD_LETTER_TOPIC, msg.key, msg.value, headers, owner=item)
+    key, value, headers = deadletters.build(
+        key=msg.key, value=msg.value, input_headers=msg.headers, stage=item.stage, error=item.error,
+        topic=topic, partition=partition, offset=offset, attempts=item.attempts, now_ms=now_ms,
+        replay=item.replay, max_bytes=max_bytes)
+    return Record(deadletters.TOPIC, key, value, headers, owner=item)
 
 
 class Processor:
     def __init__(self, app, usecase: UseCase, table, scorer: Scorer, repartition_topic: str,
                  policy: RetryPolicy, faults: Faults, max_event_bytes: int, flush_events: int,
-                 flush_ms: float) -> None:
+                 flush_ms: float, dead_letter_max_bytes: int = 512 * 1024) -> None:
         self.app = app
         self.uc = usecase
         self.table = table
@@ -131,10 +142,14 @@ class Processor:
         self.policy = policy
         self.faults = faults
         self.max_event_bytes = max_event_bytes
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self.partitions = app.conf.topic_partitions
         self.m = metrics.for_pipeline(usecase.name)
+        metrics.set_model(usecase.name, scorer.version)
         self.on_scored = None  # set by the web view: fed the scored items of each batch
         self.on_failure = None  # set by the agent: an unexpected error while confirming a state write
+        # set by the agent: the topic-partitions this worker holds now (None: all it is handed)
+        self.assignment = None
         self.flush_events, self.flush_s = flush_events, flush_ms / 1000.0
         self._confirming: asyncio.Future | None = None  # the last write's confirmation and acks
         # written behind: key -> (partition, newest record), and the batches whose state it holds
@@ -161,22 +176,35 @@ class Processor:
     # -- stages ---------------------------------------------------------------------------------
 
     def _admit(self, items: list[Item]) -> tuple[dict[str, list[Item]], list[Item]]:
-        """Decode and validate; group the valid items by state key (arrival order within a key), or
-        set them aside for the repartition hop when they are not keyed by the state key or not on
-        its partition."""
-        schema, max_bytes, check, key_field = self.uc.schema, self.max_event_bytes, self.uc.check, self.uc.key_field
-        hop = self.repartition_topic
+        """Read each record's identity, decode and validate it; group the valid items by state key
+        (arrival order within a key), or set them aside for the repartition hop when they are not
+        keyed by the state key or not on its partition. Whatever one record raises, of any class
+        (msgspec raises RecursionError on deep nesting), makes that record a dead letter."""
+        uc, hop = self.uc, self.repartition_topic
+        schema, max_bytes, check, key_field, source = uc.schema, self.max_event_bytes, uc.check, uc.key_field, uc.source_topic
+        crash = self.faults.crash_ids() if self.faults is not None else None
         by_key: dict[str, list[Item]] = {}
         forward = []
         for it in items:
             msg = it.record
+            stage = "headers"
             try:
+                if msg.topic == hop or msg.headers:
+                    it.origin = lineage.origin_of(msg, source, hop)
+                    it.replay = lineage.replay_of(msg, source)
+                it.stream = lineage.stream_of(msg, hop, it.origin)
+                stage = "decode"
                 it.value = value = decode(msg.value, schema, max_bytes, check)
+                if crash and value[uc.id_field] in crash:
+                    self.faults.crash(value[uc.id_field])
+                it.key = key = value[key_field]
+                raw, partition = self._route(key)
             except Poison as exc:
                 it.fail(exc.stage, exc)
                 continue
-            it.key = key = value[key_field]
-            raw, partition = self._route(key)
+            except Exception as exc:
+                it.fail(stage, exc)
+                continue
             if msg.topic != hop and (msg.key != raw or msg.partition != partition):
                 forward.append(it)
             elif key in by_key:
@@ -185,14 +213,9 @@ class Processor:
                 by_key[key] = [it]
         return by_key, forward
 
-    def _fold(self, by_key: dict[str, list[Item]], generation) -> dict[str, list]:
-        """Apply events to state per key, in arrival order.
-
-        Returns key -> [record before, items, record to write]; the last is None when nothing is
-        to be written (no event changed the state and none was a replay).
-        """
-        # Unwritten records first; the others read per partition (all events of a key are on the
-        # key's partition).
+    def _records_before(self, by_key: dict[str, list[Item]], generation) -> dict[str, dict | None]:
+        """Each key's state record: unwritten first, else the table's, read per partition (all events
+        of a key are on the key's partition)."""
         unwritten, records = self._unwritten, {}
         keys_of: dict[int, list[str]] = defaultdict(list)
         for key, its in by_key.items():
@@ -202,47 +225,40 @@ class Processor:
                 keys_of[its[-1].record.partition].append(key)
         for partition, keys in keys_of.items():
             records.update(zip(keys, self.table.read_many(partition, keys, generation)))
-        apply, features, new_state = self.uc.apply, self.uc.features, self.uc.new_state
-        folded = {}
-        for key, its in by_key.items():
-            record = records[key]
-            if record is None:
-                state, applied = new_state(), {}
-            else:
-                state, applied = record["state"], record["applied"]
-            changed = replayed = False
-            for it in its:
-                offset = it.origin[2]
-                if applied.get(it.source, -1) >= offset:
-                    it.stage = "duplicate"  # already in the state: its output was delivered before
-                    replayed = True
-                    continue
-                try:
-                    new = apply(state, it.value)
-                    it.features = features(new, it.value)
-                except Exception as exc:
-                    it.fail("features", exc)
-                    continue
-                state = it.state = new
-                if not changed:
-                    applied, changed = dict(applied), True
-                applied[it.source] = offset
-            after = {"state": state, "applied": applied} if changed else record if replayed else None
-            folded[key] = [record, its, after]
-        return folded
+        return records
+
+    async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], now_ms: int) -> None:
+        """Score every folded event and build its output. An event that fails here leaves the state,
+        so its key is folded again without it and the key's later events are scored again: no event
+        is featurised on state that holds a dead letter."""
+        todo = [it for its in by_key.values() for it in its if it.ok]
+        while todo:
+            await self._score(todo)
+            for it in todo:
+                if it.ok:
+                    it.outgoing = self._output(it, now_ms)
+            failed = {it.key for it in todo if it.stage in ("score", "output")}
+            refold = [key for key in failed if any(it.ok for it in by_key[key])]
+            todo = []
+            for key in refold:
+                its = by_key[key]
+                for it in its:
+                    it.features = it.after = it.state = it.score = it.reasons = it.outgoing = None
+                    it.duplicate = False
+                fold(self.uc, before[key], its)
+                todo += [it for it in its if it.ok]
 
     async def _score(self, items: list[Item]) -> None:
-        if not items:
-            return
         t0 = time.perf_counter()
         width = len(self.uc.feature_names)
         rows = np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
                            count=len(items) * width).reshape(len(items), width)
         for attempt in range(1, self.policy.attempts + 1):
             try:
-                self.faults.check_score(self.uc.name)
-                if self.faults.poisoned([it.value[self.uc.id_field] for it in items]):
-                    raise ValueError("model rejected an input row")
+                if self.faults is not None:
+                    self.faults.check_score(self.uc.name)
+                    if self.faults.poisoned([it.value[self.uc.id_field] for it in items]):
+                        raise ValueError("model rejected an input row")
                 scores = self.scorer.predict(rows)
                 break
             except Exception as exc:
@@ -257,7 +273,7 @@ class Processor:
                 scores = self._score_each(items, rows)
                 break
         self.m.score_seconds.observe(time.perf_counter() - t0)
-        contributions = self.scorer.contributions(rows) if self.uc.reasons else None
+        contributions = self._contributions(items, rows) if self.uc.reasons else None
         for i, (it, score) in enumerate(zip(items, scores.tolist())):
             if not it.ok:
                 continue
@@ -268,12 +284,24 @@ class Processor:
             if contributions is not None:
                 it.reasons = self._reasons(contributions[i])
 
+    def _contributions(self, items: list[Item], rows: np.ndarray) -> np.ndarray:
+        try:
+            return self.scorer.contributions(rows)
+        except Exception:  # a row LightGBM cannot explain: find it, as for the scores
+            out = np.zeros((len(items), rows.shape[1] + 1))
+            for i, it in enumerate(items):
+                try:
+                    out[i] = self.scorer.contributions(rows[i:i + 1])[0]
+                except Exception as exc:
+                    it.fail("score", exc)
+            return out
+
     def _score_each(self, items: list[Item], rows: np.ndarray) -> np.ndarray:
         """A batch predict raised: isolate the row(s) that the model rejects."""
         scores = np.full(len(items), np.nan)
         for i, it in enumerate(items):
             try:
-                if self.faults.poisoned([it.value[self.uc.id_field]]):
+                if self.faults is not None and self.faults.poisoned([it.value[self.uc.id_field]]):
                     raise ValueError("model rejected this input row")
                 scores[i] = self.scorer.predict(rows[i:i + 1])[0]
             except Exception as exc:
@@ -285,62 +313,84 @@ class Processor:
         return [{"feature": self.uc.feature_names[j], "contribution": round(float(contrib[j]), 4)}
                 for j in top if contrib[j] > 0]
 
-    def _output(self, item: Item, now_ms: int) -> Record:
+    def _output(self, item: Item, now_ms: int) -> Record | None:
         uc, v = self.uc, item.value
-        body = {
-            uc.id_field: v[uc.id_field],
-            uc.key_field: item.key,
-            "score": item.score,
-            "model_version": self.scorer.version,
-            "event_ts": v["ts"],
-            "scored_at": now_ms,
-            **uc.output(v, item.state, item.score, item.reasons),
-            "features": item.features,
-        }
-        item.output = body
-        item.encoded = encoded = encode(body)
+        try:
+            body = {
+                uc.id_field: v[uc.id_field],
+                uc.key_field: item.key,
+                "score": item.score,
+                "model_version": self.scorer.version,
+                "event_ts": v["ts"],
+                "scored_at": now_ms,
+                **uc.output(v, item.state, item.score, item.reasons),
+                "features": item.features,
+            }
+            encoded = encode(body)
+        except Exception as exc:
+            item.fail("output", exc)
+            return None
+        item.output, item.encoded = body, encoded
         return Record(uc.output_topic, self._route(item.key)[0], encoded, owner=item)
 
     def _forward(self, item: Item) -> Record:
+        """The record, untouched, to the key's partition of the repartition topic, with the
+        coordinates of the record the producer wrote (any copy of those headers it carried is dropped)."""
         msg = item.record
-        headers = [(k, v) for k, v in (msg.headers or ()) if k not in ORIGIN]
-        headers += [(ORIGIN[0], item.origin[0].encode()), (ORIGIN[1], str(item.origin[1]).encode()),
-                    (ORIGIN[2], str(item.origin[2]).encode())]
-        return Record(self.repartition_topic, self._route(item.key)[0], msg.value, headers, owner=item)
+        headers = [(deadletters.sendable_name(k), v) for k, v in (msg.headers or ()) if k not in lineage.ORIGIN]
+        return Record(self.repartition_topic, self._route(item.key)[0], msg.value,
+                      headers + lineage.origin_headers(item.origin), owner=item)
 
     # -- the batch ------------------------------------------------------------------------------
 
-    async def handle(self, batch) -> None:
+    async def handle(self, batch, set_aside: int | None = None) -> None:
         """Process an `app.intake.Batch`. It is acked once its state is written and confirmed, which
-        may be after this returns (see `flush`); `drain()` writes and waits for that."""
+        may be after this returns (see `flush`); `drain()` writes and waits for that.
+
+        `set_aside`: the batch's one record killed the worker that many times (app/quarantine.py);
+        it becomes a dead letter without being read."""
         # the consumer generation the batch was taken in: state cached by the table is only
         # trusted within one generation, and what was folded in another is written first
         generation = batch.generation
         if self._waiting and self._waiting[-1].generation != generation:
             await self.flush()
         items = [Item(r) for r in batch.records]
-        by_key, forward = self._admit(items)
-        folded = self._fold(by_key, generation)
-        local = [it for its in by_key.values() for it in its]
-        await self._score([it for it in local if it.ok])
-
+        if set_aside is not None:
+            for it in items:
+                it.fail("quarantine", PoisonPill(f"the worker died {set_aside} times while handling this record"),
+                        attempts=set_aside)
+        by_key, forward = self._admit([it for it in items if it.stage is None])
+        before = self._records_before(by_key, generation)
+        for key, its in by_key.items():
+            fold(self.uc, before[key], its)
         now_ms = int(time.time() * 1000)
-        records = [self._output(it, now_ms) for it in local if it.ok]
+        await self._score_all(by_key, before, now_ms)
+        local = [it for its in by_key.values() for it in its]
+
+        # 1. outputs: scores and repartition hops, retried in place; then the dead letters of
+        #    everything that failed, which wait out an outage (there is nowhere further to put them)
+        records = [it.outgoing for it in local if it.ok]
         records += [self._forward(it) for it in forward]
         failed = await publish(self.app.producer, records, self.policy,
                                on_retry=lambda rs: self.m.retries.labels("publish").inc(len(rs)))
         for r in failed:
             r.owner.fail("publish", r.error, attempts=r.attempts)
-        letters = [dead_letter(it) for it in items if it.stage not in (None, "duplicate")]
+        if failed:
+            self._fail_after_undelivered(by_key)
+        letters = [dead_letter(it, self.dead_letter_max_bytes, now_ms) for it in items if it.stage is not None]
         await publish_until_acknowledged(self.app.producer, letters, self.policy,
-                                         on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)))
-
+                                         on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)),
+                                         shrink=_shrink_letter)
         self._count(items, local, now_ms)
+        if forward:
+            self.m.repartitioned.inc(len(forward))
 
-        clean = all(it.stage is None or it.stage == "duplicate" for it in local)
+        # 2. state: each key's record after its last delivered event joins the unwritten ones, written
+        #    behind (`flush`); a key whose events were all replays is rewritten as it is (see above)
+        # 3. offsets: the batch is acked once that write is confirmed (`_confirm`)
         unwritten = self._unwritten
-        for key, (record, its, after) in folded.items():
-            new = after if clean else self._new_record(record, its)
+        for key, its in by_key.items():
+            new = _last_state(before[key], its)
             if new is not None:
                 unwritten[key] = (its[-1].record.partition, new)
         if not self._waiting:
@@ -375,18 +425,41 @@ class Processor:
         batches = self._waiting
         self._unwritten, self._waiting, self._waiting_events = {}, [], 0
         generation = batches[-1].generation
+        owned = self._owned()
+        if owned is not None:
+            # A worker that lost partitions without taking part in the rebalance (evicted after a
+            # pause) must not write their state over what their new owner writes: the new owner
+            # replays them from the committed offsets. (Without transactions a write already under
+            # way cannot be fenced; this closes the window to the time one write takes.)
+            lost = {p for p, _, _ in rows.values() if p not in owned}
+            if lost:
+                log.warning("%s partitions %s are no longer assigned here: their unwritten state is "
+                            "dropped, their new owner replays it", self.uc.name, sorted(lost))
+                rows = {k: row for k, row in rows.items() if row[0] in owned}
+        t0 = time.perf_counter()
         await self.table.put_many(list(rows.values()), generation)
-        self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation))
+        self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation, t0))
         self._confirming.add_done_callback(self._confirmed)
 
-    async def _confirm(self, batches: list, rows: dict, generation) -> None:
+    async def _confirm(self, batches: list, rows: dict, generation, t0: float) -> None:
         await self.table.confirm(self.policy, lambda keys: self.table.put_many([rows[k] for k in keys], generation))
+        self.m.state_flush_seconds.observe(time.perf_counter() - t0)
+        owned = self._owned()
         for batch in batches:
-            batch.ack()
+            if owned is None:
+                batch.ack()
+            else:
+                batch.ack(lambda tp: tp.partition in owned)
 
     def _confirmed(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
             self.on_failure(task.exception())
+
+    def _owned(self) -> set[int] | None:
+        """Partitions of the state (= of the input topics) this worker holds now; None if not known."""
+        if self.assignment is None:
+            return None
+        return {tp.partition for tp in self.assignment()}
 
     async def drain(self) -> None:
         """Write what is unwritten; wait until it is confirmed and every batch handed over is acked."""
@@ -397,24 +470,26 @@ class Processor:
         if self._confirming is not None:
             await self._confirming
 
-    def _new_record(self, record: dict | None, its: list[Item]) -> dict | None:
-        """The state after the delivered events of one key, refolded without those that failed."""
-        delivered = [it for it in its if it.ok]
-        if not delivered:
-            return record if any(it.stage == "duplicate" for it in its) else None
-        state = record["state"] if record else self.uc.new_state()
-        for it in delivered:
-            state = self.uc.apply(state, it.value)
-        applied = dict(record["applied"]) if record else {}
-        for it in delivered:
-            applied[it.source] = it.origin[2]
-        return {"state": state, "applied": applied}
+    @staticmethod
+    def _fail_after_undelivered(by_key: dict[str, list[Item]]) -> None:
+        """An event whose output was not delivered stays out of the state, so the later events of its
+        key, featurised on a state that holds it, go with it: dead letters too, replayed after it."""
+        for its in by_key.values():
+            first = next((it for it in its if it.stage == "publish"), None)
+            if first is None:
+                continue
+            for it in its[its.index(first) + 1:]:
+                if it.ok:
+                    it.fail("publish", RuntimeError(
+                        f"an earlier event of this key was not delivered: {first.error!r:.200}"), first.attempts)
 
     def _count(self, items: list[Item], local: list[Item], now_ms: int) -> None:
         m = self.m
-        m.events_in.inc(len(items))
-        scored = [it for it in local if it.stage is None and it.score is not None]  # by key
-        others = Counter(it.stage for it in items if it.stage is not None)
+        # records the producers wrote: a record that took the hop was counted when it came in
+        hop = self.repartition_topic
+        m.events_in.inc(sum(it.record.topic != hop for it in items))
+        scored = [it for it in local if it.ok]  # by key
+        failed = Counter(it.stage for it in items if it.stage is not None)
         # histograms and counters once per batch, not per event
         if scored:
             ts = np.fromiter((it.value["ts"] for it in scored), dtype=np.float64, count=len(scored))
@@ -424,12 +499,30 @@ class Processor:
             if "decision" in scored[0].output:
                 for decision, n in Counter(it.output["decision"] for it in scored).items():
                     m.decisions.labels(decision).inc(n)
-        for stage, n in others.items():
-            if stage == "duplicate":
-                m.duplicates.inc(n)
-            else:
-                m.dead_letters.labels(stage).inc(n)
+        for stage, n in failed.items():
+            m.dead_letters.labels(stage).inc(n)
+        duplicates = sum(it.duplicate for it in local)
+        if duplicates:
+            m.duplicates.inc(duplicates)
         m.scored.inc(len(scored))
         m.batch_size.observe(len(items))
         if self.on_scored is not None and scored:
             self.on_scored(scored)
+
+
+def _last_state(before: dict | None, its: list[Item]) -> dict | None:
+    """The record to write for one key: after its last delivered event; else, if any event was a
+    replay, the record as it was (rewritten); else nothing."""
+    for it in reversed(its):
+        if it.ok:
+            return it.after
+    return before if any(it.duplicate for it in its) else None
+
+
+def _shrink_letter(record: Record) -> bool:
+    """The broker refused a letter for good (too large): send it again as headers only."""
+    smaller = deadletters.shrink(record.key, record.value, record.headers)
+    if smaller is None:
+        return False
+    record.key, record.value, record.headers = smaller
+    return True

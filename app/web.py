@@ -130,7 +130,9 @@ def _json_error(status: int, message: str, **extra) -> aioweb.Response:
 def _authorized(request) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.web_token.encode())
+    # aiohttp keeps a header's non-ASCII bytes as lone surrogates: no token of ours has them
+    given = token.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, settings.web_token.encode())
 
 
 @aioweb.middleware
@@ -293,10 +295,23 @@ class KeyState(View):
 
 # -- tables ----------------------------------------------------------------------------------------
 
-_key_cache: dict[str, tuple[float, dict]] = {}
+_key_counts: dict[str, tuple[float, object, dict]] = {}  # table -> (when, assignment, counts)
 
 
 def _count_keys(table) -> dict:
+    """`_scan_keys`, at most once per REFRESH_MIN_S per table and assignment: a request does not
+    choose how often the worker scans its stores."""
+    owned = frozenset(_assigned("actives"))
+    now = time.monotonic()
+    cached = _key_counts.get(table.name)
+    if cached is not None and cached[1] == owned and now - cached[0] < REFRESH_MIN_S:
+        return cached[2]
+    counts = _scan_keys(table)
+    _key_counts[table.name] = (now, owned, counts)
+    return counts
+
+
+def _scan_keys(table) -> dict:
     """Keys per active partition on this worker: exact for small stores, else RocksDB's estimate."""
     topic = table.changelog_topic.get_topic_name()
     owned = sorted(tp.partition for tp in _assigned("actives") if tp.topic == topic)
@@ -405,6 +420,9 @@ def _readiness() -> tuple[bool, str]:
     if not assignment:
         return False, "no partitions assigned"
     return True, "ready"
+
+
+metrics.watch_readiness(_readiness)
 
 
 @app.page("/ready")
@@ -561,7 +579,7 @@ class Stats(View):
                 "latency_buckets": latency,
                 "latency_p50": quantile(latency, 0.5),
                 "latency_p99": quantile(latency, 0.99),
-                "score_buckets": _buckets(samples, "scoring_score", name),
+                "score_buckets": _buckets(samples, "scoring_score_ratio", name),
             }
         ok, why = _readiness()
         dead = _dead_letter_summary()

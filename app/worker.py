@@ -5,10 +5,11 @@ import logging
 
 import faust
 
-from app import collector, faust_patches, intake
+from app import collector, deadletters, faust_patches, intake, logs, security
 from app.faults import Faults, install_publish_faults
 from app.gate import RetryPolicy
-from app.processor import DEAD_LETTER_TOPIC, Processor
+from app.kafka import records
+from app.processor import Processor
 from app.scorer import ModelMismatch, Scorer
 from app.settings import settings
 from app.usecases import USE_CASES
@@ -18,16 +19,24 @@ log = logging.getLogger(__name__)
 
 faust_patches.install(settings.fetch_wait_ms)
 intake.install()
+records.install()
 
 app = faust.App(
     settings.app_id,
     broker=settings.broker_url,
+    # KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_*, KAFKA_SASL_* (app/security.py); a broker certificate that
+    # will not verify stops the worker here with one line.
+    broker_credentials=security.broker_credentials(settings.broker_url),
     store="rocksdb://",
+    logging_config=logs.logging_config(),  # LOG_FORMAT=json: one JSON object per line (app/logs.py)
     datadir=str(settings.data_dir),
     web_host=settings.web_host,
     web_port=settings.web_port,
     # Peers forward table lookups here (table_route); a wildcard bind is not an address.
     canonical_url=f"http://{settings.advertised_host}:{settings.web_port}",
+    # Faust's /table/{name}/{key} views read any key of any table, unchecked: the routed views of
+    # app.web answer those questions with the checks a key from a URL needs.
+    web_tables_enabled=False,
     topic_partitions=settings.partitions,
     table_standby_replicas=settings.standby_replicas,
     broker_rebalance_timeout=settings.rebalance_timeout_s,
@@ -36,10 +45,10 @@ app = faust.App(
     broker_commit_interval=settings.commit_interval_s,
     producer_linger=settings.linger_ms / 1000.0,
     producer_max_batch_size=settings.producer_max_batch_bytes,
-    consumer_auto_offset_reset="earliest",
+    consumer_auto_offset_reset=settings.auto_offset_reset,  # AUTO_OFFSET_RESET
 )
 
-faults = Faults(settings.fault_file)
+faults = Faults(settings.fault_file) if settings.fault_file else None
 policy = RetryPolicy(settings.retry_attempts, settings.retry_base_ms, settings.retry_max_ms)
 
 
@@ -54,7 +63,7 @@ def raw_topic(*names: str, **kw) -> faust.TopicT:
                      value_serializer="raw", partitions=settings.partitions, **kw)
 
 
-dead_letter_topic = raw_topic(DEAD_LETTER_TOPIC)
+dead_letter_topic = raw_topic(deadletters.TOPIC)
 
 
 class Pipeline:
@@ -79,7 +88,7 @@ class Pipeline:
             raise SystemExit(f"cannot start {self.usecase.name} pipeline: {exc}") from None
         self.processor = Processor(app, self.usecase, self.table, self.scorer, self.repartition_topic_name,
                                    policy, faults, settings.max_event_bytes, settings.state_flush_events,
-                                   settings.state_flush_ms)
+                                   settings.state_flush_ms, settings.dead_letter_max_bytes)
         log.info("%s model %s loaded (%d features)", self.usecase.name, self.scorer.version,
                  len(self.usecase.feature_names))
 
@@ -97,7 +106,8 @@ for _p in pipelines.values():
 
 @app.on_worker_init.connect
 def _install_faults(*args, **kwargs) -> None:
-    install_publish_faults(app, faults)
+    if faults is not None:
+        install_publish_faults(app, faults)
 
 
 import agents  # noqa: E402,F401  (registers the agents on `app`)

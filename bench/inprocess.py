@@ -57,7 +57,7 @@ class FakeBatch:
     def __init__(self, records, generation) -> None:
         self.records, self.generation, self.acked = records, generation, False
 
-    def ack(self) -> None:
+    def ack(self, owned=None) -> None:
         self.acked = True
 
 

@@ -378,7 +378,7 @@ def _per_event(m: dict) -> float | None:
 
 
 def _mean_batch(m: dict) -> float | None:
-    s, c = m.get("scoring_batch_size_sum"), m.get("scoring_batch_size_count")
+    s, c = m.get("scoring_batch_events_sum"), m.get("scoring_batch_events_count")
     return round(s / c, 1) if s and c else None
 
 

@@ -1,6 +1,8 @@
 """Dead-letter statistics per dead_letters partition: pure functions over a bounded record."""
 from __future__ import annotations
 
+from app.deadletters import Letter
+
 RECENT = 20  # samples kept per partition
 
 
@@ -8,25 +10,22 @@ def new_stats() -> dict:
     return {"counts": {}, "recent": [], "applied": -1}
 
 
-def header_map(headers) -> dict[str, str]:
-    return {k: v.decode("utf-8", "replace") for k, v in (headers or ())}
-
-
-def apply(stats: dict, offset: int, headers: dict[str, str], value: bytes | None) -> dict:
+def apply(stats: dict, offset: int, letter: Letter, value: bytes | None) -> dict:
     """Fold one dead letter in; a replayed offset (at or below `applied`) changes nothing."""
     if offset <= stats["applied"]:
         return stats
-    key = f"{headers.get('errors.stage', '?')}|{headers.get('errors.exception', '?')}"
+    stage, exception = (letter.stage or "?")[:64], (letter.exception or "?")[:128]
+    key = f"{stage.replace('|', '/')}|{exception}"
     counts = {**stats["counts"], key: stats["counts"].get(key, 0) + 1}
     sample = {
-        "stage": headers.get("errors.stage"),
-        "exception": headers.get("errors.exception"),
-        "message": headers.get("errors.message"),
-        "topic": headers.get("errors.topic"),
-        "partition": headers.get("errors.partition"),
-        "offset": headers.get("errors.offset"),
-        "attempts": headers.get("errors.attempts"),
-        "ts": headers.get("errors.ts"),
+        "stage": letter.stage,
+        "exception": letter.exception,
+        "message": letter.message,
+        "topic": letter.topic,
+        "partition": letter.partition,
+        "offset": letter.offset,
+        "attempts": letter.attempts,
+        "ts": letter.ts,
         "value": (value or b"")[:200].decode("utf-8", "replace"),
         "dead_letter_offset": offset,
     }
@@ -41,7 +40,7 @@ def merge(many: list[dict]) -> dict:
         for k, n in s["counts"].items():
             counts[k] = counts.get(k, 0) + n
         recent.extend(s["recent"])
-    recent.sort(key=lambda r: int(r["ts"] or 0), reverse=True)
+    recent.sort(key=lambda r: int(r["ts"]) if str(r.get("ts")).isdigit() else 0, reverse=True)
     by_stage: dict[str, int] = {}
     for k, n in counts.items():
         stage = k.split("|", 1)[0]

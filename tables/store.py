@@ -24,6 +24,7 @@ import rocksdict
 from faust.types import TP
 
 from app.codec import encode
+from app.errors import is_transient
 from app.gate import RetryPolicy, exception_of, send_partition, settle
 
 
@@ -109,7 +110,10 @@ class GatedTable(faust.Table):
             await settle([fut for fut, _, _ in pending])
             failed, delivered = [], {}
             for fut, tp, keys in pending:
-                if exception_of(fut) is not None:
+                exc = exception_of(fut)
+                if exc is not None:
+                    if not is_transient(exc):  # a state write that can never succeed: a fault of the process
+                        raise exc
                     failed += [k.decode() for k in keys]
                     continue
                 last = fut.result().offset + len(keys) - 1  # a batch reports its first offset

@@ -46,3 +46,11 @@ def pytest_configure(config):
     missing = [name for name in USE_CASES if not (MODEL_DIR / name / "model.txt").exists()]
     if missing:
         raise pytest.UsageError(f"no {missing} model in {MODEL_DIR}: run `make model` first (make test does)")
+
+
+# Property-based tests: a bounded number of examples in `make test`; `make fuzz` runs many more.
+from hypothesis import settings as _hypothesis  # noqa: E402
+
+_hypothesis.register_profile("ci", max_examples=60, deadline=None, derandomize=False)
+_hypothesis.register_profile("fuzz", max_examples=3000, deadline=None)
+_hypothesis.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

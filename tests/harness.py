@@ -105,16 +105,62 @@ def bootstrap(broker) -> str:
     return broker.bootstrap
 
 
+def partition_as_producers_do(key: bytes | None, partitions: int = 4) -> int | None:
+    """Keyed records as both kinds of producer write them: about half the keys hashed with murmur2
+    (aiokafka, Java clients: None here, the client's default) and the others with CRC32 (librdkafka's
+    default), each key always the same way, so its events stay in order. Most CRC32 partitions are
+    not the state key's: those records take the repartition hop."""
+    if key is None:
+        return None
+    from app.gate import key_hash
+
+    return crc32_partition(key, partitions) if (key_hash(key) >> 7) & 1 else None
+
+
+def written_partition(key: bytes, partitions: int = 4) -> int:
+    """The partition `produce` writes a record with this key to."""
+    from app.gate import key_hash
+
+    chosen = partition_as_producers_do(key, partitions)
+    return key_hash(key) % partitions if chosen is None else chosen
+
+
 async def produce(broker, topic: str, records: list[tuple[bytes | None, bytes | None]],
                   headers=None) -> None:
-    """Produce (key, value) pairs in order and wait for every acknowledgement."""
+    """Produce (key, value) pairs in order, keyed by both partitioners, and wait for every acknowledgement."""
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
     await producer.start()
     try:
-        futs = [await producer.send(topic, value, key=key, headers=headers) for key, value in records]
+        partitions = len(await producer.partitions_for(topic))
+        futs = [await producer.send(topic, value, key=key, headers=headers,
+                                    partition=partition_as_producers_do(key, partitions))
+                for key, value in records]
         await asyncio.gather(*futs)
     finally:
         await producer.stop()
+
+
+def crc32_partition(key: bytes, partitions: int = 4) -> int:
+    """librdkafka's default partitioner (confluent-kafka, Go, .NET, node clients): CRC32 of the key."""
+    import zlib
+
+    return zlib.crc32(key) % partitions
+
+
+async def produce_records(broker, topic: str, records: list[tuple]) -> None:
+    """Produce (key, value, headers, partition) records in order (partition None: the default
+    partitioner); header names may be `tests.hostile.RawName`s (written as their raw bytes)."""
+    from tests.hostile import raw_header_keys
+
+    with raw_header_keys():
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5, max_request_size=4 << 20)
+        await producer.start()
+        try:
+            futs = [await producer.send(topic, value, key=key, headers=headers or None, partition=partition)
+                    for key, value, headers, partition in records]
+            await asyncio.gather(*futs)
+        finally:
+            await producer.stop()
 
 
 def produce_events(broker, topic: str, events: list[dict], key_field: str | None) -> None:

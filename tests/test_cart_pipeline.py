@@ -7,7 +7,7 @@ from app.scorer import Scorer
 from app.usecases import CART
 from app.gate import key_hash
 from tests.flows import FLOWS
-from tests.harness import MODEL_DIR, committed, latest_states, produce_events, read_json
+from tests.harness import MODEL_DIR, committed, latest_states, produce_events, read_json, written_partition
 from training import cart_sim
 from training.train import replay
 
@@ -77,10 +77,16 @@ def test_a_clean_stop_writes_the_state_left_unwritten_and_commits_every_offset(b
     w.stop()
     expected = FLOWS["cart"].offline_states(events)
     assert latest_states(broker, FLOWS["cart"].changelog(), set(expected)) == expected
-    ends = {p: 0 for p in range(4)}
+    ends, hops = {p: 0 for p in range(4)}, {p: 0 for p in range(4)}
     for e in events:
-        ends[key_hash(e["user_id"].encode()) % 4] += 1
+        key = e["user_id"].encode()
+        written = written_partition(key)
+        ends[written] += 1
+        if written != key_hash(key) % 4:  # CRC32 put it elsewhere: one hop
+            hops[key_hash(key) % 4] += 1
     assert committed(broker, "scoring", "cart_events") == {p: n or None for p, n in ends.items()}  # None: empty
+    assert sum(hops.values()) > 0, "some keys took the hop"
+    assert committed(broker, "scoring", "scoring-cart_events-by-user_id") == {p: n or None for p, n in hops.items()}
 
 
 def test_a_worker_runs_only_the_pipelines_it_is_given(broker, workers):

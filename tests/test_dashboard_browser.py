@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.harness import produce, produce_events, read_json
+from tests.harness import partition_as_producers_do, produce, produce_events, read_json
 
 pytestmark = pytest.mark.browser
 
@@ -57,7 +57,8 @@ class Traffic(threading.Thread):
             start = time.monotonic()
             while not self.stopping.is_set():
                 user = f"dash-u{rng.randint(0, 29)}"
-                await producer.send("cart_events", orjson.dumps(event(rng, self.sent, user)), key=user.encode())
+                await producer.send("cart_events", orjson.dumps(event(rng, self.sent, user)), key=user.encode(),
+                                    partition=partition_as_producers_do(user.encode()))
                 self.sent += 1
                 ahead = self.sent / self.rate - (time.monotonic() - start)
                 if ahead > 0:

@@ -218,10 +218,16 @@ def test_without_the_gate_a_failed_publish_loses_the_event(broker, workers, tmp_
     assert read_json(broker, "naive_scores", 1, timeout=3) == [], "and the outputs are gone for good"
 
 
+def replay(broker, flow: Flow, **choice):
+    """`scoring replay-dead-letters`; (letters replayed, skipped at the replay limit)."""
+    from app import replay
+
+    out = asyncio.run(replay.replay(broker.bootstrap, {flow.source}, replay.Choice(**choice), dry_run=False))
+    return len(out.replayed), out.at_limit
+
+
 @every_flow
 def test_replayed_dead_letters_are_scored_after_the_fix(flow: Flow, broker, workers, tmp_path):
-    from app.cli import replay_dead_letters
-
     faults = tmp_path / "faults"
     events = flow.valid(2, 41)[:12]
     broken = events[::4]
@@ -233,17 +239,18 @@ def test_replayed_dead_letters_are_scored_after_the_fix(flow: Flow, broker, work
     assert {s[flow.id] for s in first} == {e[flow.id] for e in events} - {e[flow.id] for e in broken}
 
     # A replay while still broken fails again, and the replay limit stops the next round.
-    assert asyncio.run(replay_dead_letters(broker.url, "score", None, None, max_replays=1)) == (len(broken), 0)
+    assert replay(broker, flow, stage="score", max_replays=1) == (len(broken), 0)
     letters = read_topic(broker, "dead_letters", lambda rs: len(rs) >= 2 * len(broken), timeout=60)
     again = [headers_of(r) for r in letters if "replay.count" in headers_of(r)]
     assert sorted(h["replay.count"] for h in again) == ["1"] * len(broken)
     assert {h["errors.stage"] for h in again} == {"score"}
-    assert asyncio.run(replay_dead_letters(broker.url, "score", None, None, max_replays=1)) == (0, len(broken))
+    assert replay(broker, flow, stage="score", max_replays=1) == (0, len(broken))
 
     fault(faults)  # the fix
-    assert asyncio.run(replay_dead_letters(broker.url, "score", None, None, max_replays=2)) == (len(broken), 0)
+    assert replay(broker, flow, stage="score", max_replays=2) == (len(broken), 0)
     scores = read_json(broker, flow.output, len(events), key=flow.id)
     assert {s[flow.id] for s in scores} == {e[flow.id] for e in events}
+    assert replay(broker, flow, stage="score", max_replays=2) == (0, 0), "each letter is replayed once"
 
 
 @every_flow

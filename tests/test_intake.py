@@ -13,7 +13,7 @@ from faust.types import TP
 
 from app.intake import Batch, OffsetGuard, RecordSink
 
-Rec = namedtuple("Rec", "offset")
+Rec = namedtuple("Rec", "offset key value", defaults=(None, b"x"))
 A, B = TP("events", 0), TP("events", 1)
 
 
@@ -126,6 +126,55 @@ def test_guard_skips_records_seen_before_and_rewinds_over_a_hole():
         consumer._committed_offset[A] = 5
         guard.on_generation(2)
         assert [r.offset for r in await guard.admit(A, recs(5, 6))] == [5, 6]
+    run(main())
+
+
+class FakeProbe:
+    """The log's own answer: where its next record at or after an offset is; the group's committed offsets."""
+
+    def __init__(self, log_offsets: list[int], committed: dict | None = None) -> None:
+        self.log_offsets = log_offsets
+        self.committed_offsets = committed or {}
+
+    async def committed(self, tp):
+        return self.committed_offsets.get(tp)
+
+    async def first_offset(self, tp, offset: int):
+        return next((o for o in self.log_offsets if o >= offset), None)
+
+
+def test_gaps_that_the_log_itself_has_are_passed_and_only_real_holes_rewound():
+    """Issue 14, 3: transaction markers (aiokafka skips them), compaction and retention leave gaps
+    the guard used to rewind over forever; the partition never moved."""
+    async def main():
+        consumer = FakeConsumer({A: 10})
+        # 12 and 13 are transaction markers; 20..29 were compacted away; the log has the rest
+        guard = OffsetGuard(consumer, FakeProbe([10, 11, 14, 15, 16, 17, 18, 19, 30, 31, 32]))
+        guard.on_generation(1, [A])
+        assert [r.offset for r in await guard.admit(A, [Rec(10), Rec(11), Rec(14), Rec(15)])] == [10, 11, 14, 15]
+        assert [r.offset for r in await guard.admit(A, recs(16, 19))] == [16, 17, 18, 19]
+        assert [r.offset for r in await guard.admit(A, recs(30, 31))] == [30, 31] and consumer.seeks == []
+        # records the consumer dropped are still in the log: fetched again
+        guard.probe.log_offsets += [33, 34, 35]
+        assert await guard.admit(A, recs(34, 35)) == [] and consumer.seeks == [(A, 32)]
+    run(main())
+
+
+def test_a_partition_never_committed_is_expected_from_the_start_of_its_log():
+    """Issue 14: with no committed offset the guard expected nothing, so a hole at the partition's
+    start was admitted, and Faust commits the first run of acked offsets whatever lies before it."""
+    async def main():
+        guard = OffsetGuard(FakeConsumer({}), FakeProbe(list(range(0, 100))))
+        guard.on_generation(1, [B])
+        assert await guard.admit(B, recs(40, 45)) == [] and guard.consumer.seeks == [(B, 0)], "0..39 went missing"
+        retention = OffsetGuard(FakeConsumer({}), FakeProbe(list(range(40, 100))))
+        retention.on_generation(1, [B])
+        assert [r.offset for r in await retention.admit(B, recs(40, 41))] == [40, 41], "the log starts at 40"
+        # committed, but not in Faust's books yet: the group's offset from the broker, not the log start
+        known = OffsetGuard(FakeConsumer({}), FakeProbe(list(range(0, 100)), {B: 93}))
+        known.on_generation(1, [B])
+        assert [r.offset for r in await known.admit(B, recs(93, 95))] == [93, 94, 95]
+        assert known.consumer.seeks == []
     run(main())
 
 

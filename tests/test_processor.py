@@ -172,3 +172,31 @@ def test_a_write_is_due_state_flush_ms_after_the_first_unwritten_batch_and_reads
         await processor.drain()
 
     asyncio.run(run())
+
+
+def test_a_worker_that_lost_a_partition_does_not_write_its_state_over_the_new_owner(harness):
+    """Issue 14: a worker evicted mid-flush (a pause past the session timeout) still wrote its changelog
+    after the new owner had taken the partition: no fencing by assignment."""
+    from faust.types import TP
+
+    make, producer, table = harness
+    processor = make(flush_events=1000, flush_ms=60_000)
+    records = cart_records([event(i, f"u{i}") for i in range(8)])
+    kept = records[0].partition
+    assert {r.partition for r in records} != {kept}, "users on several partitions"
+    processor.assignment = lambda: {TP("cart_events", kept)}
+    batch = FakeBatch(records, 1)
+    owned_seen = []
+    batch.ack = lambda owned=None: owned_seen.append(owned)
+
+    async def run():
+        await processor.handle(batch)
+        await processor.drain()
+
+    asyncio.run(run())
+    written = {f"u{i}" for i in range(8) if table.read(f"u{i}") is not None}
+    assert written == {r.key.decode() for r in records if r.partition == kept}
+    assert changelog_records(producer) == len(written)
+    owned, = owned_seen
+    assert owned(TP("cart_events", kept)) and not any(owned(TP("cart_events", r.partition))
+                                                       for r in records if r.partition != kept)

@@ -21,7 +21,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from tests.flows import FLOWS
-from tests.harness import committed, latest_states, produce_events, read_topic
+from tests.harness import committed, latest_states, produce_events, read_topic, written_partition
 from tests.test_web import get, wait_until
 
 FLOW = FLOWS["cart"]
@@ -126,12 +126,17 @@ def outputs(broker, events: list[dict], timeout: float = 120) -> list[dict]:
 def wait_all_committed(broker, events: list[dict], timeout: float = 120) -> None:
     """The group committed every source record: every event was acked, so its state write reached
     the changelog (the processor acks only after the changelog delivery is confirmed)."""
-    per_partition = Counter(partition(e[FLOW.key]) for e in events)
+    per_partition = Counter(written_partition(e[FLOW.key].encode(), PARTITIONS) for e in events)
+
+    last = {}
 
     def caught_up():
-        got = committed(broker, "scoring", FLOW.source)
-        return all((got.get(p) or 0) >= n for p, n in per_partition.items()) and got
-    wait_until(caught_up, timeout=timeout, what="committed offsets at the end of every partition")
+        last.update(committed(broker, "scoring", FLOW.source))
+        return all((last.get(p) or 0) >= n for p, n in per_partition.items()) and last
+    try:
+        wait_until(caught_up, timeout=timeout, what="committed offsets at the end of every partition")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: committed {last}, records written {dict(per_partition)}") from None
 
 
 def stop_all(ws, timeout: float = 30) -> None:

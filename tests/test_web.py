@@ -108,6 +108,13 @@ def test_every_endpoint_with_token(broker, workers):
         assert code == 401, (path, "basic scheme")
     for path in protected[:5]:
         assert get(base, path, TOKEN)[0] == 200, path
+    # a header of any bytes is a 401, never a 500 (non-ASCII gave a plain 500)
+    for odd in ("Bearer caf\u00e9", b"Bearer \xff\xfe\x80", "Bearer \u00e9" + TOKEN, b"\xc3\x28 x"):
+        code, headers, body = get(base, "/stats", headers={"Authorization": odd})
+        assert code == 401 and orjson.loads(body)["error"], (odd, code, body[:200])
+    # Faust's own table views read any key unchecked: they are off (the routed views answer)
+    code, _, body = get(base, "/table/user_sessions/", TOKEN)
+    assert code == 404 and orjson.loads(body)["error"], (code, body[:200])
 
     # data: events for every pipeline (generic over the pipelines that exist), plus a poison record
     now = int(time.time() * 1000)
@@ -226,7 +233,7 @@ def test_every_endpoint_with_token(broker, workers):
     # Prometheus text: gauges this module fills
     text = get(base, "/metrics")[2].decode()
     assert f'scoring_table_keys{{table="user_sessions"}} {float(len(users))}' in text
-    assert 'scoring_consumer_lag{partition="0",topic="cart_events"}' in text
+    assert 'scoring_consumer_lag_records{partition="0",topic="cart_events"}' in text
     rebalances = re.search(r"^scoring_rebalances_total (\S+)$", text, re.M)
     assert rebalances and float(rebalances.group(1)) >= 1
     assert f'scoring_scored_total{{pipeline="cart"}} {float(len(cart))}' in text
@@ -342,9 +349,24 @@ def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tm
     store = SimpleNamespace(_dbs=dbs, _visible_keys=lambda db: (k for k in db.keys() if not k.startswith(b"__faust")))
     table = SimpleNamespace(changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"), data=store)
     monkeypatch.setattr(web, "_assigned", lambda kind: {TP("t-changelog", 0), TP("t-changelog", 1), TP("other", 2)})
-    assert web._count_keys(table) == {"keys": 50, "keys_exact": True, "keys_by_partition": {"0": 30, "1": 20}}
+    assert web._scan_keys(table) == {"keys": 50, "keys_exact": True, "keys_by_partition": {"0": 30, "1": 20}}
     monkeypatch.setattr(web, "KEY_COUNT_EXACT", 10)
-    estimated = web._count_keys(table)
+    estimated = web._scan_keys(table)
     assert not estimated["keys_exact"] and estimated["keys"] >= 50  # RocksDB's estimate, Faust's key included
     for db in dbs.values():
         db.close()
+
+
+def test_key_counts_are_scanned_at_most_once_a_second_per_table(monkeypatch):
+    from types import SimpleNamespace
+
+    from app import web
+
+    scans = []
+    monkeypatch.setattr(web, "_scan_keys", lambda table: scans.append(table.name) or {"keys": len(scans)})
+    monkeypatch.setattr(web, "_assigned", lambda kind: set())
+    monkeypatch.setattr(web, "_key_counts", {})
+    table = SimpleNamespace(name="t")
+    assert [web._count_keys(table)["keys"] for _ in range(50)] == [1] * 50, "requests do not choose the scan rate"
+    monkeypatch.setattr(web, "REFRESH_MIN_S", 0.0)
+    assert web._count_keys(table)["keys"] == 2

@@ -1,0 +1,374 @@
+"""Hostile input through the real processor (both pipelines, real RocksDB tables, a producer that
+records what it is given): no record, key, header or replay can stop the stream or count twice.
+
+Property-based tests drive generated records of every kind through decode, admission, state,
+scoring and the gate; the numbered tests pin each defect of issue 13 that was found by hand.
+`make fuzz` runs the properties with many more examples (HYPOTHESIS_PROFILE=fuzz).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app import deadletters
+from app.deadletters import Letter
+from app.kafka.records import read_batch
+from bench.inprocess import AckingProducer
+from tests import hostile
+from tests.hostile import ConsumerRecord, cart_event, transaction
+
+
+class RecordingProducer(AckingProducer):
+    """Acknowledges every batch at once and keeps its records; `refuse(topic, records)` may return an
+    exception to fail a batch with instead."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.sent: list[tuple[str, int, object]] = []
+        self.refuse = None
+
+    async def send_batch(self, batch, topic, partition):
+        records = list(read_batch(batch._build()))
+        error = self.refuse(topic, records) if self.refuse else None
+        if error is not None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(error)
+            return fut
+        self.sent += [(topic, partition, r) for r in records]
+        return await super().send_batch(SizedBatch(len(records)), topic, partition)
+
+    def to(self, topic: str, since: int = 0) -> list:
+        return [r for t, _, r in self.sent[since:] if t == topic]
+
+
+class SizedBatch:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def record_count(self) -> int:
+        return self.n
+
+
+class Batch:
+    def __init__(self, records, generation=1) -> None:
+        self.records, self.generation, self.acked = records, generation, False
+
+    def ack(self, owned=None) -> None:
+        self.acked = True
+
+
+@pytest.fixture
+def processors(tmp_path, monkeypatch):
+    """pipeline name -> a fresh Processor over its real table (RocksDB under tmp_path)."""
+    from app import gate
+    from app.processor import Processor
+    from app.worker import app, pipelines
+
+    producer = RecordingProducer(app.conf.topic_partitions)
+    monkeypatch.setattr(gate, "submit_batch", lambda _p, topic, partition, batch:
+                        producer.send_batch(batch, topic, partition))
+    monkeypatch.setattr(app.producer, "_ensure_producer", producer._ensure_producer)
+    made = {}
+
+    def make(name: str, **kw) -> Processor:
+        pipeline = pipelines[name]
+        table = pipeline.table
+        if name not in made:
+            monkeypatch.setattr(table.data, "partition_path", lambda p, n=name: tmp_path / f"{n}-p{p}.db")
+            monkeypatch.setattr(table.data, "_dbs", {})
+            monkeypatch.setattr(table, "recent", {})
+            monkeypatch.setattr(table, "unconfirmed", [])
+        old = pipeline.processor
+        made[name] = Processor(app, old.uc, table, old.scorer, old.repartition_topic, old.policy, kw.pop("faults", None),
+                               old.max_event_bytes, kw.pop("flush_events", 1000), kw.pop("flush_ms", 60_000), **kw)
+        return made[name]
+
+    make.producer = producer
+    return make
+
+
+_offsets = itertools.count(1_000_000)
+
+
+def run(processor, records, **kw) -> Batch:
+    batch = Batch(records)
+
+    async def go():
+        await processor.handle(batch, **kw)
+        await processor.drain()
+
+    asyncio.run(go())
+    return batch
+
+
+def keyed(pipeline: str, event: dict, offset: int, headers=(), key: bytes | None = ...) -> ConsumerRecord:
+    """`event` on its state key's partition, keyed as a shop using Kafka's default partitioner would."""
+    from app.gate import key_hash
+
+    field, topic = ("user_id", "cart_events") if pipeline == "cart" else ("card_id", "transactions")
+    k = event[field].encode()
+    return ConsumerRecord(topic, key_hash(k) % 4, offset, k if key is ... else key, orjson.dumps(event), list(headers))
+
+
+def duplicates(processor) -> float:
+    return processor.m.duplicates._value.get()
+
+
+# -- properties --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pipeline", ["cart", "fraud"])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_any_record_yields_an_output_a_hop_or_a_dead_letter_and_nothing_raises(processors, pipeline, data):
+    processor = processors(pipeline) if pipeline not in getattr(processors, "cache", {}) else processors.cache[pipeline]
+    processors.cache = {**getattr(processors, "cache", {}), pipeline: processor}
+    uc, producer = processor.uc, processors.producer
+    drawn = data.draw(hostile.records(pipeline, uc.source_topic, processor.repartition_topic))
+    records = [ConsumerRecord(topic, partition, next(_offsets), key, value, headers)
+               for topic, partition, key, value, headers in drawn]
+    since, dups = len(producer.sent), duplicates(processor)
+
+    batch = run(processor, records)
+
+    outputs = producer.to(uc.output_topic, since)
+    hops = producer.to(processor.repartition_topic, since)
+    letters = producer.to(deadletters.TOPIC, since)
+    assert batch.acked
+    assert len(outputs) + len(hops) + len(letters) + duplicates(processor) - dups == len(records)
+    coordinates = {(r.topic, r.partition, r.offset) for r in records}
+    for letter in letters:
+        parsed = Letter.parse(letter.headers)
+        assert parsed.stage and parsed.exception, parsed
+        if parsed.topic == uc.source_topic and (parsed.topic, parsed.partition, parsed.offset) not in coordinates:
+            # a hop record's letter names the record the producer wrote (its origin headers)
+            assert any(r.topic == processor.repartition_topic for r in records)
+        assert len(letter.value or b"") + len(letter.key or b"") <= processor.dead_letter_max_bytes
+    for out in outputs:
+        body = orjson.loads(out.value)
+        assert 0.0 <= body["score"] <= 1.0 and len(body["features"]) == len(uc.feature_names)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(raw=hostile.values("cart") | hostile.values("fraud"))
+def test_decode_raises_only_poison_for_any_value(raw):
+    """The codec's own contract, below the processor's catch-all: a value fails as `Poison` with a
+    stage, whatever its bytes, except the recursion that msgspec raises on deep nesting."""
+    from app.codec import decode
+    from app.errors import Poison
+    from app.usecases import USE_CASES
+
+    for uc in USE_CASES.values():
+        try:
+            event = decode(raw, uc.schema, 65536, uc.check)
+        except Poison as exc:
+            assert exc.stage in ("decode", "validate")
+        except RecursionError:
+            assert raw.count(b"[") + raw.count(b"{") > 500
+        else:
+            assert isinstance(event[uc.key_field], str) and isinstance(event["ts"], int)
+
+
+# -- the defects, one by one ----------------------------------------------------------------------
+
+def test_1_deeply_nested_json_is_a_dead_letter_and_the_next_event_is_scored(processors):
+    processor = processors("cart")
+    producer = processors.producer
+    deep = b'{"a": ' * 5000 + b'1' + b'}' * 5000  # under MAX_EVENT_BYTES, so it reaches the decoder
+    records = [ConsumerRecord("cart_events", 0, 10, b"u1", deep, []), keyed("cart", cart_event(1, "u1"), 11)]
+    run(processor, records)
+    letter, = producer.to(deadletters.TOPIC)
+    parsed = Letter.parse(letter.headers)
+    assert (parsed.stage, parsed.exception, parsed.offset) == ("decode", "RecursionError", 10)
+    assert [orjson.loads(o.value)["event_id"] for o in producer.to("personalization_scores")] == ["e1"]
+
+
+@pytest.mark.parametrize("forged", [
+    [("origin.offset", b"abc")], [("origin.offset", None)], [("origin.topic", b"\xff")],
+    [("origin.topic", b"cart_events"), ("origin.partition", b"0"), ("origin.offset", b"1000000000000000000")],
+])
+def test_2_origin_headers_on_an_input_topic_are_ignored(processors, forged):
+    """Read there, they crashed the worker (a malformed one) or made every later event of the key a
+    duplicate (a large offset: fraud scoring switched off for a card)."""
+    processor = processors("fraud")
+    first = keyed("fraud", transaction(1, "c1"), 5, headers=forged)
+    later = keyed("fraud", transaction(2, "c1"), 6)
+    run(processor, [first])
+    run(processor, [later])
+    scored = [orjson.loads(o.value)["txn_id"] for o in processors.producer.to("fraud_decisions")]
+    assert scored == ["t1", "t2"] and not processors.producer.to(deadletters.TOPIC)
+
+
+@pytest.mark.parametrize("origin", [[], [("origin.topic", b"transactions"), ("origin.partition", b"x"),
+                                         ("origin.offset", b"1")],
+                                    [("origin.topic", b"fraud_decisions"), ("origin.partition", b"0"),
+                                     ("origin.offset", b"1")]])
+def test_2_a_repartitioned_record_with_a_missing_or_malformed_origin_is_a_dead_letter(processors, origin):
+    processor = processors("fraud")
+    rec = keyed("fraud", transaction(1, "c1"), 3, headers=origin)
+    rec = rec._replace(topic=processor.repartition_topic)
+    run(processor, [rec, keyed("fraud", transaction(2, "c1"), 4)])
+    letter, = processors.producer.to(deadletters.TOPIC)
+    assert Letter.parse(letter.headers).stage == "headers"
+    assert [orjson.loads(o.value)["txn_id"] for o in processors.producer.to("fraud_decisions")] == ["t2"]
+
+
+def test_3_a_letter_too_large_for_the_broker_is_cut_to_fit_with_its_size_and_checksum(processors):
+    processor = processors("cart", dead_letter_max_bytes=100_000)
+    huge = b'{"event_id": "' + b"x" * 1_500_000 + b'"}'
+    run(processor, [ConsumerRecord("cart_events", 1, 7, b"u1", huge, [("trace", b"t-1")])])
+    letter, = processors.producer.to(deadletters.TOPIC)
+    h = deadletters.header_map(letter.headers)
+    assert len(letter.value) < 100_000 and huge.startswith(letter.value)
+    assert h[deadletters.VALUE_SIZE] == str(len(huge)) and h[deadletters.TRUNCATED] == "value"
+    assert h[deadletters.VALUE_SHA256] == hashlib.sha256(huge).hexdigest()
+    assert h["trace"] == "t-1", "the record's own headers are kept"
+    assert Letter.parse(letter.headers).problem, "a cut letter is not replayable"
+
+
+def test_3_a_letter_refused_for_good_is_shrunk_once_then_the_process_fails_instead_of_retrying_forever(processors):
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    from app.gate import Unpublishable
+
+    processor = processors("cart")
+    producer = processors.producer
+    calls = []
+
+    def refuse(topic, records):
+        if topic == deadletters.TOPIC:
+            calls.append(len(records[0].value or b""))
+            if records[0].value:
+                return MessageSizeTooLargeError("as the broker's message.max.bytes")
+        return None
+
+    producer.refuse = refuse
+    run(processor, [ConsumerRecord("cart_events", 1, 7, b"u1", b"not json" * 100, [])])
+    assert calls == [800, 0], "refused once whole, then sent as headers only"
+    letter, = producer.to(deadletters.TOPIC)
+    assert deadletters.header_map(letter.headers)[deadletters.VALUE_SIZE] == "800"
+
+    producer.refuse = lambda topic, records: MessageSizeTooLargeError("always") if topic == deadletters.TOPIC else None
+    with pytest.raises(Unpublishable):
+        run(processor, [ConsumerRecord("cart_events", 1, 8, b"u1", b"not json", [])])
+
+
+def test_3_an_output_refused_for_good_is_not_retried(processors):
+    from aiokafka.errors import InvalidTopicError
+
+    processor = processors("cart")
+    producer = processors.producer
+    tries = []
+
+    def refuse(topic, records):
+        if topic == "personalization_scores":
+            tries.append(1)
+            return InvalidTopicError("refused")
+        return None
+
+    producer.refuse = refuse
+    run(processor, [keyed("cart", cart_event(1, "u1"), 3)])
+    assert len(tries) == 1, "not retried"
+    letter, = producer.to(deadletters.TOPIC)
+    assert Letter.parse(letter.headers).stage == "publish"
+
+
+def test_6_dead_letter_statistics_take_any_headers():
+    from tables import dead_letter_stats as stats
+
+    current = stats.new_stats()
+    for i, headers in enumerate([[("errors.stage", None)], [("errors.ts", b"\xff")], [("errors.offset", b"abc")],
+                                 [], [("\udcff", b"x"), ("errors.exception", b"\xc3\x28")]]):
+        current = stats.apply(current, i, Letter.parse(headers), None)
+    merged = stats.merge([current])
+    assert merged["total"] == 5 and len(merged["recent"]) == 5
+
+
+def test_7_the_intake_is_bounded_by_bytes_as_well_as_records():
+    from collections import namedtuple
+
+    from app.intake import RecordSink
+
+    Rec = namedtuple("Rec", "offset key value")
+    consumer = type("C", (), {"flow_active": True})()
+
+    async def main():
+        sink = RecordSink(capacity=10_000, capacity_bytes=1_000_000)
+        await sink.put(consumer, "tp", [Rec(0, None, b"x" * 600_000)])
+        await sink.put(consumer, "tp", [Rec(1, None, b"x" * 600_000)])  # taken: the sink was under its bound
+        blocked = asyncio.ensure_future(sink.put(consumer, "tp", [Rec(2, None, b"x" * 10)]))
+        await asyncio.sleep(0.05)
+        assert not blocked.done() and sink.size == 2, "1.2 MB waiting: the fetcher is held"
+        await sink.take(1)
+        await asyncio.sleep(0.01)
+        assert blocked.done() and sink.bytes == 600_010
+
+    asyncio.run(main())
+
+
+# -- suspected, confirmed and fixed -----------------------------------------------------------------
+
+def test_later_events_of_a_key_are_not_featurised_on_an_event_the_model_rejected(processors, tmp_path):
+    from app.faults import Faults
+    from tests.flows import FLOWS
+
+    rules = tmp_path / "faults"
+    rules.write_text("score_poison:e2\n")
+    processor = processors("cart", faults=Faults(str(rules)))
+    events = [cart_event(1, "u1"), cart_event(2, "u1", "add_to_cart"), cart_event(3, "u1", "add_to_cart")]
+    run(processor, [keyed("cart", e, 20 + i) for i, e in enumerate(events)])
+    outputs = {orjson.loads(o.value)["event_id"]: orjson.loads(o.value) for o in processors.producer.to("personalization_scores")}
+    assert sorted(outputs) == ["e1", "e3"]
+    without = [events[0], events[2]]
+    uc, state = processor.uc, processor.uc.new_state()
+    for e in without:
+        state = uc.apply(state, e)
+    assert outputs["e3"]["features"] == list(uc.features(state, events[2])), "e3 scored on a state without e2"
+    assert processor.read("u1")["state"] == FLOWS["cart"].offline_states(without)["u1"]
+
+
+def test_keyed_and_unkeyed_records_of_one_key_on_one_partition_are_all_applied(processors):
+    """Issue 14, 2: an unkeyed record at offset 15 takes the hop; a keyed one at offset 20 is applied
+    directly; when 15 comes back through the hop it used to be taken for a duplicate."""
+    from app.lineage import origin_headers
+
+    processor = processors("cart")
+    direct = keyed("cart", cart_event(20, "u1"), 20)
+    unkeyed = keyed("cart", cart_event(15, "u1"), 15, key=None)
+    run(processor, [unkeyed, direct])
+    hop, = processors.producer.to(processor.repartition_topic)
+    assert dict(hop.headers)["origin.offset"] == b"15"
+    back = ConsumerRecord(processor.repartition_topic, direct.partition, 0, hop.key, hop.value,
+                          origin_headers(("cart_events", direct.partition, 15)))
+    run(processor, [back])
+    assert sorted(orjson.loads(o.value)["event_id"] for o in processors.producer.to("personalization_scores")) == ["e15", "e20"]
+    assert processor.read("u1")["state"]["events"] == 2
+    run(processor, [back._replace(offset=1)])  # the hop record again (a crash before its commit)
+    assert processor.read("u1")["state"]["events"] == 2 and duplicates(processor) >= 1
+
+
+def test_a_replayed_event_is_applied_once_even_when_replayed_twice(processors):
+    processor = processors("cart")
+    replay = [(deadletters.REPLAY_OF, b"cart_events:2:17"), (deadletters.REPLAY_COUNT, b"1")]
+    first = keyed("cart", cart_event(17, "u2"), 40, headers=replay)
+    run(processor, [first])
+    run(processor, [first._replace(offset=41)])  # replayed again, at a new offset
+    assert processor.read("u2")["state"]["events"] == 1
+    assert processor.read("u2")["replayed"] == ["cart_events:2:17"]
+    assert len(processors.producer.to("personalization_scores")) == 1
+
+
+def test_a_quarantined_record_is_a_dead_letter_without_being_read(processors):
+    processor = processors("cart")
+    run(processor, [keyed("cart", cart_event(1, "u1"), 9)], set_aside=2)
+    letter, = processors.producer.to(deadletters.TOPIC)
+    parsed = Letter.parse(letter.headers)
+    assert (parsed.stage, parsed.exception, parsed.attempts) == ("quarantine", "PoisonPill", "2")
+    assert not processors.producer.to("personalization_scores")

@@ -1,0 +1,53 @@
+"""`read_true_ends` (app/faust_patches.py) on the embedded broker, whose reported ends lag.
+
+Issue 14: on a partition that others keep writing (a standby's changelog) it read for as long as
+records kept coming; recovery waited on it. It is bounded now, and still finds the true end of a
+partition at rest.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from app.faust_patches import read_true_ends
+
+
+async def _ends(bootstrap: str, tp: TopicPartition) -> dict:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        return await consumer.end_offsets([tp])
+    finally:
+        await consumer.stop()
+
+
+def test_true_ends_of_a_resting_partition_and_of_one_that_keeps_growing(broker):
+    tp = TopicPartition("busy", 0)
+
+    async def main():
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50)
+        await producer.start()
+        try:
+            await asyncio.gather(*[await producer.send("busy", b"x", partition=0) for _ in range(500)])
+            reported = await _ends(broker.bootstrap, tp)
+            assert (await read_true_ends(broker.bootstrap, reported))[tp] == 500
+
+            async def keep_writing():
+                while True:
+                    await producer.send("busy", b"y", partition=0)
+                    await asyncio.sleep(0.002)
+
+            writer = asyncio.ensure_future(keep_writing())
+            try:
+                t0 = time.monotonic()
+                ends = await read_true_ends(broker.bootstrap, await _ends(broker.bootstrap, tp), limit_s=2.0)
+                assert time.monotonic() - t0 < 6, "bounded, although the partition never stops growing"
+                assert ends[tp] > 500
+            finally:
+                writer.cancel()
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())

@@ -21,6 +21,7 @@ import asyncio
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -221,6 +222,19 @@ def run(events: int = 12_000, rate: float = 100, kills: int = 20, seed: int = 1,
     return report
 
 
+def _has_all(id_field: str, want: set):
+    """`read_topic`'s stop condition: every wanted id read (duplicates make a count mislead)."""
+    seen: set = set()
+
+    def done(records) -> bool:
+        for r in records[done.n:]:
+            seen.add(orjson.loads(r.value)[id_field])
+        done.n = len(records)
+        return want <= seen
+    done.n = 0
+    return done
+
+
 def _check(broker, load, report: Report, drain_start: float, timeout: float, say) -> Report:
     deadline = drain_start + timeout
     outputs: dict[str, list] = {}
@@ -229,7 +243,7 @@ def _check(broker, load, report: Report, drain_start: float, timeout: float, say
         want = {e[uc.id_field] for e in events}
         seen: Counter = Counter()
         while time.monotonic() < deadline:
-            records = read_topic(broker, uc.output_topic, lambda rs: len(rs) >= len(events), timeout=20)
+            records = read_topic(broker, uc.output_topic, _has_all(uc.id_field, want), timeout=20)
             seen = Counter(orjson.loads(r.value)[uc.id_field] for r in records)
             if want <= set(seen):
                 break
@@ -268,6 +282,7 @@ def main(argv=None) -> None:
     p.add_argument("--wipe-every", type=int, default=3)
     p.add_argument("--json", help="write the report here too")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers and the broker are stopped too
     report = run(args.events, args.rate, args.kills, args.seed, args.wipe_every)
     if args.json:
         Path(args.json).write_bytes(orjson.dumps({**report.__dict__, "ok": report.ok}, option=orjson.OPT_INDENT_2))

@@ -57,7 +57,7 @@ ROUTES_MAX = 1 << 17  # cached key routes (bytes, partition); cleared when full
 class Item:
     """One source record on its way through the batch."""
 
-    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state", "after",
+    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state",
                  "score", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded", "outgoing")
 
     def __init__(self, record) -> None:
@@ -68,8 +68,7 @@ class Item:
         self.value = None
         self.key = None
         self.features = None
-        self.state = None
-        self.after = None  # the key's state record after this event
+        self.state = None  # the key's state after this event, once applied
         self.score = None
         self.reasons = None
         self.stage = None
@@ -88,15 +87,16 @@ class Item:
         return self.stage is None and not self.duplicate
 
 
-def fold(uc: UseCase, record: dict | None, items: list[Item]) -> None:
+def fold(uc: UseCase, record: dict | None, items: list[Item]) -> tuple[dict, list]:
     """Apply one key's events in order to its state record; each applied item gets its features and
-    `after`, the record after it. Items that failed already are left out; an item found in the
-    record (a replay) is marked a duplicate. The one fold of the pipeline: a key is folded again,
-    from the same record, when one of its events fails later (see `Processor._score_all`)."""
+    its `state` after it. Items that failed already are left out; an item found in the record (a
+    replay) is marked a duplicate. Returns the `applied` map and `replayed` list after the last one.
+    The one fold of the pipeline: a key is folded again, from the same record, when one of its events
+    fails later (see `Processor._score_all`)."""
     if record is None:
         state, applied, replayed = uc.new_state(), {}, []
-    else:
-        state, applied, replayed = record["state"], record["applied"], record.get("replayed", [])
+    else:  # copied once per key: the record itself is shared with readers
+        state, applied, replayed = record["state"], dict(record["applied"]), list(record.get("replayed", ()))
     apply, features = uc.apply, uc.features
     for it in items:
         if it.stage is not None:
@@ -113,11 +113,32 @@ def fold(uc: UseCase, record: dict | None, items: list[Item]) -> None:
             continue
         state = it.state = new
         if replay is None:
-            applied = {**applied, it.stream: it.origin[2]}
+            applied[it.stream] = it.origin[2]
         else:
-            replayed = [*replayed[-(REPLAYED_MAX - 1):], replay[0]]
-        it.after = {"state": state, "applied": applied, "replayed": replayed} if replayed else \
-            {"state": state, "applied": applied}
+            replayed.append(replay[0])
+            if len(replayed) > REPLAYED_MAX:
+                del replayed[0]
+    return applied, replayed
+
+
+def record_of(state: dict, applied: dict, replayed: list) -> dict:
+    return {"state": state, "applied": applied, "replayed": replayed} if replayed else \
+        {"state": state, "applied": applied}
+
+
+def last_state(uc: UseCase, before: dict | None, its: list[Item], folded: tuple[dict, list]) -> dict | None:
+    """The record to write for one key: after its last delivered event; else, if any event was a
+    replay, the record as it was (rewritten, see above); else nothing."""
+    applied = [it for it in its if it.state is not None]
+    if not applied:
+        return before if any(it.duplicate for it in its) else None
+    if all(it.ok for it in applied):  # the common case: every event folded was delivered
+        return record_of(applied[-1].state, *folded)
+    # some failed after the fold (their outputs were not delivered): the delivered ones are a prefix
+    delivered = [it for it in applied if it.ok]
+    if not delivered:
+        return before if any(it.duplicate for it in its) else None
+    return record_of(delivered[-1].state, *fold(uc, before, [it for it in its if it.ok or it.duplicate]))
 
 
 def dead_letter(item: Item, max_bytes: int, now_ms: int) -> Record:
@@ -227,7 +248,8 @@ class Processor:
             records.update(zip(keys, self.table.read_many(partition, keys, generation)))
         return records
 
-    async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], now_ms: int) -> None:
+    async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], folded: dict,
+                         now_ms: int) -> None:
         """Score every folded event and build its output. An event that fails here leaves the state,
         so its key is folded again without it and the key's later events are scored again: no event
         is featurised on state that holds a dead letter."""
@@ -243,9 +265,9 @@ class Processor:
             for key in refold:
                 its = by_key[key]
                 for it in its:
-                    it.features = it.after = it.state = it.score = it.reasons = it.outgoing = None
+                    it.features = it.state = it.score = it.reasons = it.outgoing = None
                     it.duplicate = False
-                fold(self.uc, before[key], its)
+                folded[key] = fold(self.uc, before[key], its)
                 todo += [it for it in its if it.ok]
 
     async def _score(self, items: list[Item]) -> None:
@@ -361,10 +383,9 @@ class Processor:
                         attempts=set_aside)
         by_key, forward = self._admit([it for it in items if it.stage is None])
         before = self._records_before(by_key, generation)
-        for key, its in by_key.items():
-            fold(self.uc, before[key], its)
+        folded = {key: fold(self.uc, before[key], its) for key, its in by_key.items()}
         now_ms = int(time.time() * 1000)
-        await self._score_all(by_key, before, now_ms)
+        await self._score_all(by_key, before, folded, now_ms)
         local = [it for its in by_key.values() for it in its]
 
         # 1. outputs: scores and repartition hops, retried in place; then the dead letters of
@@ -390,7 +411,7 @@ class Processor:
         # 3. offsets: the batch is acked once that write is confirmed (`_confirm`)
         unwritten = self._unwritten
         for key, its in by_key.items():
-            new = _last_state(before[key], its)
+            new = last_state(self.uc, before[key], its, folded[key])
             if new is not None:
                 unwritten[key] = (its[-1].record.partition, new)
         if not self._waiting:
@@ -459,7 +480,10 @@ class Processor:
         """Partitions of the state (= of the input topics) this worker holds now; None if not known."""
         if self.assignment is None:
             return None
-        return {tp.partition for tp in self.assignment()}
+        try:
+            return {tp.partition for tp in self.assignment()}
+        except Exception:  # no consumer (yet): nothing to fence against
+            return None
 
     async def drain(self) -> None:
         """Write what is unwritten; wait until it is confirmed and every batch handed over is acked."""
@@ -508,15 +532,6 @@ class Processor:
         m.batch_size.observe(len(items))
         if self.on_scored is not None and scored:
             self.on_scored(scored)
-
-
-def _last_state(before: dict | None, its: list[Item]) -> dict | None:
-    """The record to write for one key: after its last delivered event; else, if any event was a
-    replay, the record as it was (rewritten); else nothing."""
-    for it in reversed(its):
-        if it.ok:
-            return it.after
-    return before if any(it.duplicate for it in its) else None
 
 
 def _shrink_letter(record: Record) -> bool:

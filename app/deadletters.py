@@ -1,8 +1,9 @@
 """The dead-letter contract, built and parsed here only: topic, header names, size policy.
 
 A letter keeps the failed record's key and value bytes and its own headers, and puts the error
-context in headers, as Kafka Connect and Kafka Streams (KIP-1034) do, so any Kafka tool can inspect
-it and the replay can send it again as it was. Two exceptions, both said in headers:
+context in headers: the approach of Kafka Connect and Kafka Streams (KIP-1034), with header names of
+this service's own (`errors.*`, not their `__connect.errors.*` / `__streams.errors.*`). Any Kafka tool
+can inspect a letter, and the replay can send it again as it was. Two exceptions, both said in headers:
 - The input's headers in the namespaces this service writes (`errors.*`, `replay.*`) are not
   copied: anyone can write them, and a forged `errors.topic` would pass for ours.
 - A letter larger than DEAD_LETTER_MAX_BYTES would be refused by the broker forever (its

@@ -94,10 +94,13 @@ async def send_partition(producer, topic: str, partition: int, entries: list[tup
     sent = []
     batch, members = kafka.create_batch(), []
     for key, value, headers, member in entries:
-        if limit is not None and _size(key, value, headers) > limit:
+        size = len(key or b"") + len(value or b"")
+        if headers:
+            size += sum(len(k) + len(v or b"") for k, v in headers)
+        if limit is not None and size > limit:
             # as `send()` refuses it; the broker's message.max.bytes would refuse it anyway
             sent.append((failed_future(MessageSizeTooLargeError(
-                f"record of about {_size(key, value, headers)} bytes is larger than {limit}")), [member]))
+                f"record of about {size} bytes is larger than {limit}")), [member]))
             continue
         try:
             appended = batch.append(key=key, value=value, timestamp=None, headers=headers)
@@ -112,10 +115,6 @@ async def send_partition(producer, topic: str, partition: int, entries: list[tup
     if members:
         sent.append((await _submit(producer, topic, partition, batch), members))
     return sent
-
-
-def _size(key: bytes | None, value: bytes | None, headers) -> int:
-    return len(key or b"") + len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers or ())
 
 
 @lru_cache(maxsize=1 << 16)

@@ -169,9 +169,13 @@ def produce_events(broker, topic: str, events: list[dict], key_field: str | None
 
 
 async def _read(broker, topic: str, until, timeout: float) -> list:
+    return await read_records(broker.bootstrap, topic, until, timeout)
+
+
+async def read_records(bootstrap: str, topic: str, until, timeout: float, **client_kwargs) -> list:
     """Read a topic from the beginning (all partitions) until `until(records)` or timeout."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50, **client_kwargs)
     await consumer.start()
     records: list = []
     try:

@@ -45,10 +45,7 @@ def test_run_brings_everything_up_and_ctrl_c_stops_it(tmp_path):
 
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         assert proc.wait(40) == 0
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in pids if pid_alive(p)], "a process outlived `run`"
+        assert not left_behind(pids), "a process outlived `run`"
     finally:
         for p in [proc.pid, *pids]:
             try:
@@ -81,6 +78,14 @@ def start_run(tmp_path, *args: str, env: dict | None = None, name: str = "run"):
     return proc, out, port, pids
 
 
+def left_behind(pids: list[int], timeout: float = 10) -> list[int]:
+    """The processes of `pids` still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if pid_alive(p)]
+
+
 def kill_all(*pids: int) -> None:
     for p in pids:
         try:
@@ -106,10 +111,7 @@ def test_a_second_ctrl_c_while_stopping_leaves_nothing_behind(tmp_path):
         time.sleep(0.3)  # ... the clean-up is under way (the worker takes seconds to stop) ...
         os.killpg(proc.pid, signal.SIGINT)  # ... and Ctrl-C again
         proc.wait(30)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in pids if pid_alive(p)], f"a process outlived `run`:\n{out.read_text()}"
+        assert not left_behind(pids), f"a process outlived `run`:\n{out.read_text()}"
         assert "second interrupt: killing everything now" in out.read_text()
     finally:
         kill_all(proc.pid, *pids)
@@ -143,10 +145,7 @@ def test_against_an_external_broker_no_generator_starts_unless_asked(tmp_path):
         assert got["cart"] > 0 and got["fraud"] > 0, got
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(40) == 0
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in pids if pid_alive(p)], "a process outlived `run`"
+        assert not left_behind(pids), "a process outlived `run`"
     finally:
         kill_all(*runs)
         external.stop()
@@ -158,9 +157,6 @@ def test_no_generate_with_the_embedded_broker(tmp_path):
         assert len(pids) == 2 and "no generator (--no-generate)" in out.read_text()  # broker and worker
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(40) == 0
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in pids if pid_alive(p)], "a process outlived `run`"
+        assert not left_behind(pids), "a process outlived `run`"
     finally:
         kill_all(proc.pid, *pids)

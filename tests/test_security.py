@@ -35,7 +35,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from app import security
 from app.broker import EmbeddedBroker, free_port, port_open
-from tests.harness import ROOT, partition_as_producers_do
+from tests.harness import ROOT, partition_as_producers_do, read_records
 from training import cart_sim
 
 KEY_PASSWORD = "key-pass-1"
@@ -346,29 +346,10 @@ async def _round_trip(bootstrap: str, sec: security.Security, topic: str, n: int
 
 
 async def _read(bootstrap: str, sec: security.Security, topic: str, until, timeout: float) -> list:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=50, **sec.client_kwargs())
-    await consumer.start()
-    out: list = []
-    try:
-        deadline = time.monotonic() + timeout
-        parts = None
-        while not parts and time.monotonic() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.2)
-        if not parts:
-            return out
-        tps = [TopicPartition(topic, p) for p in parts]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        while time.monotonic() < deadline and not until(out):
-            for rs in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(r.value for r in rs)
-    finally:
-        await consumer.stop()
-    return out
+    """Values of `topic` read through the secured connection."""
+    records = await read_records(bootstrap, topic, lambda rs: until([r.value for r in rs]), timeout,
+                                 **sec.client_kwargs())
+    return [r.value for r in records]
 
 
 async def _refused(bootstrap: str, sec: security.Security) -> str:

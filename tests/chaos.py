@@ -12,7 +12,7 @@ and publishing of the outputs fails for a moment now and then. Then the survivor
     (nothing counted twice, nothing lost);
   - every partition of the inputs and repartition topics is committed to its end (lag zero).
 A run prints events, kills, wipes, rebalances, duplicates and the time to drain, and exits non-zero
-if a check fails. `tests/test_chaos.py` runs a short one in `make test`.
+if a check fails.
 """
 from __future__ import annotations
 

@@ -58,23 +58,42 @@ class RecordSink:
         self.chunks: deque = deque()  # (topic-partition, records in offset order, their bytes)
         self.size = 0
         self.bytes = 0
+        # Records the consumer delivered that never reached the agent, per partition: (first, last)
+        # offset. The consumer's position is past them, so unless they are fetched again nothing
+        # brings them back, least of all on a partition where nothing more arrives.
+        self.dropped: dict = {}
         self._filled = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._cleared = asyncio.Event()
 
     def clear(self) -> None:
-        """Called by Faust's flow control when flow stops and when it resumes."""
+        """Called by Faust's flow control when flow stops and when it resumes.
+
+        Faust seeks the partitions it keeps to their committed offsets before it resumes, but a fetch
+        answered before that seek can still be put here after it, and then be cleared: the drop is
+        noted, and the agent fetches those records again (`OffsetGuard.refetch`)."""
+        for tp, records, _ in self.chunks:
+            self.drop(tp, records)
         self.chunks.clear()
         self.size = self.bytes = 0
-        self._filled.clear()
         self._room.set()
         self._cleared.set()
+
+    def drop(self, tp, records: list) -> None:
+        """Note fetched records of `tp` that will not be handed to the agent."""
+        first, last = self.dropped.get(tp, (records[0].offset, records[-1].offset))
+        self.dropped[tp] = (min(first, records[0].offset), max(last, records[-1].offset))
+        self._filled.set()  # wakes the agent, so that it fetches them again
+
+    def take_dropped(self) -> dict:
+        dropped, self.dropped = self.dropped, {}
+        return dropped
 
     async def wait(self, timeout: float) -> None:
         """Until records are there, the sink is cleared (a rebalance or a stop) or was cleared since
         records were last taken, or `timeout` seconds passed."""
-        if self.chunks or self._cleared.is_set():
+        if self.chunks or self.dropped or self._cleared.is_set():
             return
         self._filled.clear()
         waits = [asyncio.ensure_future(self._filled.wait()), asyncio.ensure_future(self._cleared.wait())]
@@ -91,19 +110,28 @@ class RecordSink:
         while self.full():
             self._room.clear()
             await self._room.wait()
-            if not consumer.flow_active:
-                return  # a rebalance: read again from the committed offset once it is over
+            if not consumer.flow_active:  # a rebalance
+                self.drop(tp, records)
+                return
         size = _bytes_of(records)
         self.chunks.append((tp, records, size))
         self.size += len(records)
         self.bytes += size
         self._filled.set()
 
-    async def take(self, max_n: int) -> list[tuple]:
-        """Wait for records, then take what is there, up to `max_n`, as (tp, records) chunks."""
-        while not self.chunks:
+    async def take(self, max_n: int, timeout: float | None = None) -> list[tuple]:
+        """Wait for records, then take what is there, up to `max_n`, as (tp, records) chunks.
+
+        Returns early, maybe with nothing, when records were dropped (`take_dropped`) or after
+        `timeout` seconds."""
+        if not self.chunks and not self.dropped:
             self._filled.clear()
-            await self._filled.wait()
+            try:
+                await asyncio.wait_for(self._filled.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        if not self.chunks:
+            return []
         self._cleared.clear()
         out, n = [], 0
         while self.chunks and n < max_n:
@@ -143,9 +171,13 @@ async def _wait_next_records_into_sinks(self, timeout: float):
     if records:
         for tp in [tp for tp in records if tp.topic in _sinks]:
             fetched = records.pop(tp)
-            if fetched and self.flow_active and (active is None or tp in active):
+            if not fetched:
+                continue
+            if self.flow_active and (active is None or tp in active):
                 self._read_offset[tp] = fetched[-1].offset  # as Faust's delivery does per record
                 await _sinks[tp.topic].put(self, tp, fetched)
+            else:  # a rebalance, or a partition paused for its recovery: fetched again later
+                _sinks[tp.topic].drop(tp, fetched)
     return records, active
 
 
@@ -251,17 +283,23 @@ class LogProbe:
 
 
 class OffsetGuard:
-    """Next expected offset per partition; skips records seen before, rewinds the consumer over holes.
+    """Next expected offset per partition; skips records seen before, fetches again what went missing.
 
     Gaps in offsets are normal in Kafka: transaction control markers (a transactional producer's
     partitions always have them; aiokafka skips them), compaction, and a log start that retention
     moved past the committed offset. Such a gap is not a hole: before rewinding, the guard asks the
     log itself (`LogProbe`) where its next record is. Where the log has none before the record that
-    came, the gap is real and the partition moves on; where it has, records went missing in the
-    consumer and are fetched again. For a partition whose committed offset Faust does not know (never
-    committed, or not in Faust's books yet), the group's committed offset is asked of the broker,
-    and where there is none the partition is expected from the start of its log: a hole at its very
-    start is noticed too (Faust would commit past it).
+    came, the gap is real: the partition moves on, and the gap is entered in Faust's books, whose
+    commit otherwise stops at the first offset it never saw acked. Where the log has records there,
+    they went missing in the consumer and are fetched again. For a partition whose committed offset
+    Faust does not know (never committed, or not in Faust's books yet), the group's committed offset
+    is asked of the broker, and where there is none the partition is expected from the start of its
+    log: a hole at its very start is noticed too (Faust would commit past it).
+
+    A hole shows only when a later record arrives; records the intake dropped at the end of what a
+    partition has (`RecordSink.drop`) have none after them. So the guard keeps, per partition, the
+    last offset known to exist beyond what it admitted (`missing`), and `refetch` seeks back, once a
+    second, until the records up to it have been admitted.
     """
 
     def __init__(self, consumer, probe: LogProbe | None = None) -> None:
@@ -270,7 +308,8 @@ class OffsetGuard:
         self.generation = None
         self.expected: dict = {}
         self.unknown: set = set()  # assigned, with no committed offset in Faust's books
-        self.rewinding: dict = {}  # partition -> when it was last sought back
+        self.missing: dict = {}  # partition -> last offset known to exist that was not admitted yet
+        self.sought: dict = {}  # partition -> (when it was last sought back, the offset it was sought to)
 
     def on_generation(self, generation, assigned=()) -> None:
         if generation != self.generation:
@@ -278,44 +317,77 @@ class OffsetGuard:
             self.generation = generation
             self.expected = {tp: o for tp, o in self.consumer._committed_offset.items() if o is not None}
             self.unknown = {tp for tp in assigned if tp not in self.expected}
-            self.rewinding.clear()
+            self.missing.clear()
+            self.sought.clear()
 
-    async def _learn(self, tp) -> None:
-        self.unknown.discard(tp)
+    def dropped(self, tp, first: int, last: int) -> None:
+        """Records `first`..`last` of `tp` were delivered by the consumer but never admitted."""
+        self.missing[tp] = max(self.missing.get(tp, -1), last)
+
+    def pending(self) -> bool:
+        return bool(self.missing)
+
+    async def refetch(self, assigned) -> None:
+        """Seek back every assigned partition whose missing records have not come again, unless
+        it moved on since it was last sought back (they are on their way)."""
+        for tp, last in list(self.missing.items()):
+            if tp not in assigned:
+                del self.missing[tp]
+                continue
+            if tp in self.unknown and self.probe is not None and not await self._learn(tp):
+                continue
+            expected = self.expected.get(tp)
+            if expected is None or expected > last:
+                del self.missing[tp]
+                continue
+            sought = self.sought.get(tp)
+            if sought is not None and sought[1] != expected:
+                self.sought[tp] = (time.monotonic(), expected)
+                continue
+            await self._rewind(tp, expected, last + 1)
+
+    async def _learn(self, tp) -> bool:
         try:
             start = await self.probe.committed(tp)
             if start is None:
                 start = await self.probe.first_offset(tp, 0)
         except Exception as exc:
             log.warning("could not read where %s starts: %r", tp, exc)
-            return
-        if start is not None:
-            self.expected[tp] = start
+            return False
+        if start is None:
+            return False
+        self.unknown.discard(tp)
+        self.expected[tp] = start
+        return True
 
     async def admit(self, tp, records: list) -> list:
         """The records of `records` (one partition, offset order) to process now."""
-        if tp in self.unknown and self.probe is not None:
-            await self._learn(tp)
+        if tp in self.unknown and self.probe is not None and not await self._learn(tp):
+            # nothing to check them against: not admitted, fetched again once the broker answers
+            self.missing[tp] = max(self.missing.get(tp, -1), records[-1].offset)
+            await self._rewind(tp, records[0].offset, records[-1].offset + 1)
+            return []
         expected = self.expected.get(tp)
         if expected is not None:
             if records[0].offset < expected:
                 records = [r for r in records if r.offset >= expected]
                 if not records:
                     return records
-            if records[0].offset > expected and not await self._gap(tp, expected, records[0].offset):
+            if records[0].offset > expected and not await self._gap(tp, expected, records[0].offset, records[-1].offset):
                 return []
         if records[-1].offset - records[0].offset + 1 != len(records):  # a hole inside the fetch
             run = 1
             while records[run].offset == records[run - 1].offset + 1:
                 run += 1
-            if not await self._gap(tp, records[run - 1].offset + 1, records[run].offset):
+            if not await self._gap(tp, records[run - 1].offset + 1, records[run].offset, records[-1].offset):
                 records = records[:run]
-        else:
-            self.rewinding.pop(tp, None)
-        self.expected[tp] = records[-1].offset + 1
+        self.expected[tp] = next_expected = records[-1].offset + 1
+        if self.missing.get(tp, -1) < next_expected:  # nothing known to be missing (any more)
+            self.missing.pop(tp, None)
+            self.sought.pop(tp, None)
         return records
 
-    async def _gap(self, tp, expected: int, found: int) -> bool:
+    async def _gap(self, tp, expected: int, found: int, last: int) -> bool:
         """True if the log has no record in expected..found-1 (the fetch lost nothing); else rewind."""
         if self.probe is not None:
             try:
@@ -326,7 +398,11 @@ class OffsetGuard:
             if first is not None and first >= found:
                 log.info("offsets %s..%s of %s are not in the log (transaction markers, compaction or "
                          "retention); moving on", expected, found - 1, tp)
+                # Faust commits the highest offset up to which every one was acked: it must know
+                # that these never will be
+                await self.consumer._add_gap(tp, expected, found - 1)
                 return True
+        self.missing[tp] = max(self.missing.get(tp, -1), last)
         await self._rewind(tp, expected, found)
         return False
 
@@ -334,9 +410,9 @@ class OffsetGuard:
         # Seek again if the last seek did not bring the records back within a second: Faust
         # swallows a seek that fails mid-rebalance, and a partition must never stay stuck.
         now = time.monotonic()
-        if now - self.rewinding.get(tp, 0.0) <= 1.0:
+        if now - self.sought.get(tp, (0.0, None))[0] <= 1.0:
             return
-        self.rewinding[tp] = now
+        self.sought[tp] = (now, expected)
         log.warning("records %s..%s of %s went missing in the consumer; fetching them again",
                     expected, found - 1, tp)
         try:
@@ -373,17 +449,20 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
                     await sink.wait(due)
                 if not sink.chunks:
                     await writer.flush()
-        chunks = await sink.take(max_n)
+        chunks = await sink.take(max_n, timeout=1.0 if guard.pending() else None)
         await app.flow_control.acquire()  # returns at once unless a rebalance/recovery is under way
         generation = app.consumer_generation_id
         assigned = consumer.assignment()
         guard.on_generation(generation, [tp for tp in assigned if tp.topic in stream.channel.topics])
+        for tp, (first, last) in sink.take_dropped().items():
+            guard.dropped(tp, first, last)
         spans = []
         for tp, records in chunks:
             if tp in assigned:
                 records = await guard.admit(tp, records)
                 if records:
                     spans.append((tp, records))
+        await guard.refetch(assigned)
         if spans:
             now = time.monotonic()
             for tp, _ in spans:

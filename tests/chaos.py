@@ -12,7 +12,7 @@ and publishing of the outputs fails for a moment now and then. Then the survivor
     (nothing counted twice, nothing lost);
   - every partition of the inputs and repartition topics is committed to its end (lag zero).
 A run prints events, kills, wipes, rebalances, duplicates and the time to drain, and exits non-zero
-if a check fails.
+if a check fails. `tests/test_chaos.py` runs a short one in `make test`.
 """
 from __future__ import annotations
 
@@ -235,6 +235,20 @@ def _has_all(id_field: str, want: set):
     return done
 
 
+def _where(broker, uc, ids: set) -> str:
+    """Where the events never scored are in the input topic: first and last offset per partition."""
+    spots: dict = {}
+    for r in read_topic(broker, uc.source_topic, timeout=5):
+        try:
+            event_id = orjson.loads(r.value)[uc.id_field]
+        except Exception:
+            continue
+        if event_id in ids:
+            lo, hi, n = spots.get(r.partition, (r.offset, r.offset, 0))
+            spots[r.partition] = (min(lo, r.offset), max(hi, r.offset), n + 1)
+    return ", ".join(f"{uc.source_topic}[{p}] {n} in {lo}..{hi}" for p, (lo, hi, n) in sorted(spots.items()))
+
+
 def _check(broker, load, report: Report, drain_start: float, timeout: float, say) -> Report:
     deadline = drain_start + timeout
     outputs: dict[str, list] = {}
@@ -248,8 +262,12 @@ def _check(broker, load, report: Report, drain_start: float, timeout: float, say
             if want <= set(seen):
                 break
         outputs[name] = seen
-        report.missing += len(want - set(seen))
+        missing = want - set(seen)
+        report.missing += len(missing)
         report.duplicates += sum(seen.values()) - len(seen)
+        if missing:
+            say(f"chaos: {name}: {len(missing)} never scored: {_where(broker, uc, missing)}; outputs read per "
+                f"partition {dict(sorted(Counter(r.partition for r in records).items()))}")
     report.drain_s = time.monotonic() - drain_start
     report.dead_letters = len(read_topic(broker, "dead_letters", timeout=3))
     topics = [t for uc in USE_CASES.values()

@@ -9,8 +9,11 @@ import asyncio
 from collections import defaultdict, namedtuple
 from weakref import WeakSet
 
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP
+from intervaltree import IntervalTree
 
+from app import intake
 from app.intake import Batch, OffsetGuard, RecordSink
 
 Rec = namedtuple("Rec", "offset key value", defaults=(None, b"x"))
@@ -22,21 +25,38 @@ def recs(first: int, last: int) -> list:
 
 
 class FakeConsumer:
-    """The parts of Faust's Consumer that the intake reads and writes."""
+    """The parts of Faust's Consumer that the intake reads and writes; its commit arithmetic
+    (`_new_offset`, `_add_gap`) is Faust's own."""
 
-    def __init__(self, committed: dict | None = None) -> None:
+    _new_offset = FaustConsumer._new_offset
+    _add_gap = FaustConsumer._add_gap
+
+    def __init__(self, committed: dict | None = None, assigned=()) -> None:
         self.flow_active = True
         self._committed_offset = defaultdict(lambda: None, committed or {})
         self._acked = defaultdict(list)
         self._acked_index = defaultdict(set)
+        self._gap = defaultdict(IntervalTree)
         self._n_acked = 0
         self._unacked_messages = WeakSet()
         self._waiting_for_ack = None
+        self._read_offset = {}
         self.app = type("App", (), {"topics": type("Topics", (), {"acks_enabled_for": staticmethod(lambda t: True)})()})()
+        self.assigned = set(assigned)
         self.seeks: list = []
+
+    def assignment(self) -> set:
+        return self.assigned
 
     async def seek(self, tp, offset) -> None:
         self.seeks.append((tp, offset))
+
+    def commit_offset(self, tp) -> int | None:
+        """What Faust would commit for `tp` now (and books as committed)."""
+        offset = self._new_offset(tp)
+        if offset is not None:
+            self._committed_offset[tp] = offset
+        return self._committed_offset[tp]
 
 
 def run(coro):
@@ -189,3 +209,100 @@ def test_batch_is_unacked_until_acked_then_every_offset_is_in_fausts_books():
     assert sorted(consumer._acked[A]) == [3, 4, 5], "offsets below the committed one are not acked again"
     assert sorted(consumer._acked[B]) == [0, 1]
     assert consumer._n_acked == 5
+
+
+def test_a_gap_the_log_has_is_committed_past():
+    """Issue 14, 3: the guard passed the gap, but Faust's commit stops at the first offset it never
+    saw acked (`Consumer._new_offset`), so the partition's commit stayed before the markers forever."""
+    async def main():
+        consumer = FakeConsumer({A: 10})
+        guard = OffsetGuard(consumer, FakeProbe([10, 11, 14, 15, 16]))  # 12, 13: transaction markers
+        guard.on_generation(1, [A])
+        Batch(consumer, 1, [(A, await guard.admit(A, recs(10, 11)))]).ack()
+        assert consumer.commit_offset(A) == 12
+        Batch(consumer, 1, [(A, await guard.admit(A, recs(14, 16)))]).ack()
+        assert consumer.commit_offset(A) == 17, "committed past the markers"
+    run(main())
+
+
+def test_a_broker_that_cannot_say_where_a_partition_starts_admits_nothing_unchecked():
+    """With no expected offset a hole at the start would be admitted and Faust would commit past it
+    (it does not check a gap before the first acked offset when nothing was committed)."""
+    class Unreachable(FakeProbe):
+        async def committed(self, tp):
+            raise ConnectionError("broker away")
+
+    async def main():
+        probe = Unreachable(list(range(0, 100)))
+        guard = OffsetGuard(FakeConsumer({}), probe)
+        guard.on_generation(1, [B])
+        assert await guard.admit(B, recs(40, 45)) == [] and guard.consumer.seeks == [(B, 40)]
+        probe.committed = FakeProbe.committed.__get__(probe)  # the broker is back: 0..39 were never read
+        guard.sought.clear()
+        assert await guard.admit(B, recs(40, 45)) == [] and guard.consumer.seeks[-1] == (B, 0)
+    run(main())
+
+
+class FakeApp:
+    """What `intake.batches` reads of the Faust app."""
+
+    def __init__(self, consumer) -> None:
+        self.consumer = consumer
+        self.consumer_generation_id = 1
+        self.monitor = type("Monitor", (), {"stream_inbound_time": {}})()
+        self.conf = type("Conf", (), {"id": "test", "broker": []})()
+        self.flow_control = type("Flow", (), {"acquire": staticmethod(lambda: asyncio.sleep(0))})()
+
+
+class FakeStream:
+    def __init__(self, app, topics) -> None:
+        self.app = app
+        self.channel = type("Channel", (), {"topics": set(topics), "__aiter__": lambda self: self})()
+
+
+def test_records_cleared_at_the_end_of_a_partition_are_fetched_again():
+    """Issue 14: the loss seen in the soak. Faust seeks to the committed offsets and then resumes the
+    flow, which clears the intake; a fetch answered before the seek but put into the intake after
+    it was cleared with it. The consumer's position was past those records and nothing came after
+    them, so the partition stayed behind (committed 86 of 218) and its state without them."""
+    async def main():
+        consumer = FakeConsumer({A: 86}, assigned=[A])
+        sink = RecordSink(capacity=1000)
+        loop = intake.batches(FakeStream(FakeApp(consumer), ["events"]), sink, 100)
+        await sink.put(consumer, A, recs(86, 217))
+        sink.clear()  # Faust's flow_control.resume()
+        taking = asyncio.ensure_future(loop.__anext__())
+        for _ in range(100):
+            if consumer.seeks:
+                break
+            await asyncio.sleep(0.01)
+        assert consumer.seeks == [(A, 86)], "sought back to the first record it never handled"
+        await sink.put(consumer, A, recs(86, 217))  # fetched again
+        batch = await asyncio.wait_for(taking, 1)
+        assert [r.offset for r in batch.records] == list(range(86, 186))
+        batch.ack()
+        assert consumer.commit_offset(A) == 186
+        await loop.aclose()
+    run(main())
+
+
+def test_records_cleared_while_others_of_the_partition_wait_are_not_admitted_twice():
+    async def main():
+        consumer = FakeConsumer({A: 0, B: 0}, assigned=[A, B])
+        sink = RecordSink(capacity=1000)
+        loop = intake.batches(FakeStream(FakeApp(consumer), ["events"]), sink, 1000)
+        take = lambda: asyncio.wait_for(loop.__anext__(), 1)  # noqa: E731
+        await sink.put(consumer, A, recs(0, 9))
+        batch = await take()
+        assert [r.offset for r in batch.records] == list(range(0, 10))
+        await sink.put(consumer, A, recs(10, 19))
+        sink.clear()
+        await sink.put(consumer, B, recs(0, 4))
+        batch = await take()
+        assert [(tp, r.offset) for tp, rs in batch.spans for r in rs] == [(B, o) for o in range(5)]
+        assert consumer.seeks == [(A, 10)]
+        await sink.put(consumer, A, recs(5, 19))  # from before the seek: the ones seen are skipped
+        batch = await take()
+        assert [r.offset for r in batch.records] == list(range(10, 20))
+        await loop.aclose()
+    run(main())

@@ -1,2 +1,1 @@
-"""One thin loop per input stream, plus the dead-letter agent."""
-from agents import dead_letters, scoring  # noqa: F401
+"""One thin loop per input stream, plus the dead-letter agent; `app/main.py` registers them."""

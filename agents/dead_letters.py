@@ -1,30 +1,28 @@
 """The dead-letter agent: counts by stage and exception, and a bounded sample, per partition."""
 from __future__ import annotations
 
-from app import intake
-from app.deadletters import Letter
-from app.settings import settings
-from app.worker import app, dead_letter_topic, policy
-from tables import dead_letter_stats as stats
-from tables.store import declare
-
-dead_letter_table = declare(app, "dead_letter_stats", help="dead letters per dead_letters partition")
-sink = intake.sink_for(app, dead_letter_topic, capacity=2 * settings.batch_max,
-                       capacity_bytes=settings.intake_max_bytes)
+from app.kafka import intake
+from app.pipeline.deadletters import Letter
+from domain import dead_letter_stats as stats
 
 
-@app.agent(dead_letter_topic, name="dead_letters")
-async def count_dead_letters(stream):
-    async for batch in intake.batches(stream, sink, settings.batch_max):
-        rows = {}  # one record per dead_letters partition, kept on that partition of the table
-        for tp, records in batch.spans:
-            key = f"p{tp.partition}"
-            current = rows[key][2] if key in rows else (
-                dead_letter_table.read_many(tp.partition, [key], batch.generation)[0] or stats.new_stats())
-            for r in records:
-                current = stats.apply(current, r.offset, Letter.parse(r.headers), r.value)
-            rows[key] = (tp.partition, key, current)
-        await dead_letter_table.put_many(list(rows.values()), batch.generation)
-        await dead_letter_table.confirm(policy, lambda keys: dead_letter_table.put_many(
-            [rows[k] for k in keys], batch.generation))
-        batch.ack()
+def register(faust_app, topic, sink: intake.RecordSink, writer, batch_max: int) -> None:
+    """Declare the agent that folds the letters of `topic` into one record per partition of it."""
+    topics = set(topic.topics)
+    writer.assignment = lambda: {tp for tp in faust_app.consumer.assignment() if tp.topic in topics}
+
+    async def count_dead_letters(stream):
+        async for batch in intake.batches(stream, sink, batch_max, writer=writer):
+            await writer.before(batch.generation)
+            current = writer.read_many({tp.partition: [f"p{tp.partition}"] for tp, _ in batch.spans},
+                                       batch.generation)
+            rows = {}  # one record per dead-letter partition, kept on that partition of the table
+            for tp, records in batch.spans:
+                key = f"p{tp.partition}"
+                folded = rows[key][1] if key in rows else (current[key] or stats.new_stats())
+                for r in records:
+                    folded = stats.apply(folded, r.offset, Letter.parse(r.headers), r.value)
+                rows[key] = (tp.partition, folded)
+            await writer.add(rows, batch, len(batch.records))
+
+    faust_app.agent(topic, name="dead_letters")(count_dead_letters)

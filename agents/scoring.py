@@ -1,10 +1,10 @@
-"""The scoring agents: micro-batches of raw records through the shared processor.
+"""The scoring agents: micro-batches of raw records through the pipeline's processor.
 
 Per-event errors are handled inside the processor: whatever one record raises makes it a dead
 letter. What still escapes is a fault of the process (the broker, the disk) or a bug; Faust would
 restart the agent and the batch in flight would be lost, or leave the worker alive doing nothing.
 So the worker exits instead: the batch was not acked, and a restart replays it. A record that kills
-the process itself is noticed at the next start and set aside after two deaths (app/quarantine.py).
+the process itself is noticed at the next start and set aside after two deaths (app/pipeline/quarantine.py).
 """
 from __future__ import annotations
 
@@ -12,47 +12,41 @@ import asyncio
 import logging
 import os
 
-from app import collector, intake, metrics, quarantine
-from app.settings import settings
-from app.worker import app, pipelines
+from app import gc_policy
+from app.kafka import intake
+from app.pipeline import quarantine
 
 log = logging.getLogger(__name__)
 
 
-def _exit(pipeline, exc: BaseException) -> None:
-    log.critical("unexpected error in %s pipeline; exiting so the batch is replayed",
-                 pipeline.usecase.name, exc_info=exc)
+def exit_worker(name: str, exc: BaseException) -> None:
+    log.critical("unexpected error in %s pipeline; exiting so the batch is replayed", name, exc_info=exc)
     os._exit(70)
 
 
-def _agent_for(pipeline):
-    sink = intake.sink_for(app, pipeline.input, capacity=2 * settings.batch_max,
-                           capacity_bytes=settings.intake_max_bytes)
-    metrics.watch_intake(pipeline.usecase.name, sink)
-    processor = pipeline.processor
-    processor.on_failure = lambda exc: _exit(pipeline, exc)
-    topics = set(pipeline.input.topics)
-    processor.assignment = lambda: {tp for tp in app.consumer.assignment() if tp.topic in topics}
-    crashes = quarantine.open_for(settings.data_dir, pipeline.usecase.name)
+def register(faust_app, name: str, topic, sink: intake.RecordSink, processor, batch_max: int, data_dir) -> None:
+    """Declare the agent that feeds `topic`'s records (taken from the fetch into `sink`) to `processor`."""
+    writer = processor.writer
+    writer.on_failure = lambda exc: exit_worker(name, exc)
+    topics = set(topic.topics)
+    writer.assignment = lambda: {tp for tp in faust_app.consumer.assignment() if tp.topic in topics}
+    crashes = quarantine.open_for(data_dir, name)
 
     async def score(stream):
         try:
-            async for batch in intake.batches(stream, sink, settings.batch_max, writer=processor):
+            async for batch in intake.batches(stream, sink, batch_max, writer=writer):
                 pieces = crashes.pieces(batch.spans)
                 parts = [batch] if len(pieces) == 1 and pieces[0][1] is None else batch.split([p for p, _ in pieces])
                 for part, (_, deaths) in zip(parts, pieces):
                     crashes.begin(part.spans)
                     await processor.handle(part, set_aside=deaths if deaths is not None and deaths >= quarantine.DEATHS else None)
                     crashes.end(part.spans)
-                collector.between_batches()
+                gc_policy.between_batches()
         except asyncio.CancelledError:
             crashes.end([])  # a clean stop is no death
             raise
         except Exception as exc:
-            _exit(pipeline, exc)
+            exit_worker(name, exc)
 
-    score.__name__ = score.__qualname__ = f"score_{pipeline.usecase.name}"
-    return app.agent(pipeline.input, name=f"score_{pipeline.usecase.name}")(score)
-
-
-scoring_agents = {name: _agent_for(p) for name, p in pipelines.items()}
+    score.__name__ = score.__qualname__ = f"score_{name}"
+    faust_app.agent(topic, name=f"score_{name}")(score)

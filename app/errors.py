@@ -12,6 +12,7 @@ import asyncio
 
 from aiokafka.errors import KafkaError
 
+
 class Poison(Exception):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(message)

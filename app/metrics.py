@@ -10,9 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
-                               ProcessCollector)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 registry = CollectorRegistry()
 ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
@@ -46,7 +53,7 @@ DECISIONS = Counter("scoring_decisions_total", "Scored events by decision", ["pi
                     registry=registry)
 # The model each pipeline scores with: scoring_model_info{pipeline="cart",version="c92dc2fadb4c"} 1.
 MODEL = Info("scoring_model", "Model a pipeline scores with", ["pipeline"], registry=registry)
-# Fill of each agent's intake (app/intake.py: fetched records not yet taken into a batch); at its
+# Fill of each agent's intake (app/kafka/intake.py: fetched records not yet taken into a batch); at its
 # capacity (2 x BATCH_MAX records) fetching stops: backpressure.
 INTAKE_RECORDS = Gauge("scoring_intake_records", "Fetched records waiting in the intake", ["pipeline"],
                        registry=registry)
@@ -68,12 +75,12 @@ READY = Gauge("scoring_ready", "1 when the worker is ready (as /ready), else 0",
 
 
 def watch_readiness(check) -> None:
-    """`check()` returns (ok, reason), as app/web.py's readiness check; evaluated at each scrape."""
+    """`check()` returns (ok, reason), as app/web/health.py's readiness check; evaluated at each scrape."""
     READY.set_function(lambda: 1.0 if check()[0] else 0.0)
 
 
 def watch_intake(pipeline: str, sink) -> None:
-    """The intake gauges of `pipeline` read `sink.size` and `sink.bytes` (app/intake.py's RecordSink)
+    """The intake gauges of `pipeline` read `sink.size` and `sink.bytes` (app/kafka/intake.py's RecordSink)
     at each scrape: nothing is counted per batch."""
     INTAKE_RECORDS.labels(pipeline).set_function(lambda: sink.size)
     INTAKE_BYTES.labels(pipeline).set_function(lambda: sink.bytes)

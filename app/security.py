@@ -4,7 +4,7 @@ One place reads, checks and maps them, for both kinds of client this project run
 
 * the worker's Faust app: `broker_credentials()` gives `faust.SSLCredentials` / `faust.SASLCredentials`
   (or None for PLAINTEXT) for `faust.App(broker_credentials=...)`;
-* plain aiokafka clients (generator, dead-letter replay, the recovery probe of `app/faust_patches.py`):
+* plain aiokafka clients (generator, dead-letter replay, the recovery probe of `app/kafka/patches.py`):
   `client_kwargs()` gives `security_protocol`, `ssl_context`, `sasl_mechanism`, `sasl_plain_username`
   and `sasl_plain_password`, the same values Faust hands its own aiokafka clients.
 

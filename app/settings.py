@@ -3,8 +3,8 @@
 Every knob a user may turn is listed here once; the README's configuration table mirrors it, and
 `scoring config` prints the effective values (secrets masked) and where each came from.
 
-Read once at import with pydantic-settings: each value is parsed to its type and checked against its
-range, then the values are checked against each other (FRAUD_REVIEW_AT below FRAUD_DECLINE_AT, ...),
+Read once, when the process first asks (`current()`; the wiring in `app/main.py` does), with
+pydantic-settings: each value is parsed to its type and checked against its range, then the values are checked against each other (FRAUD_REVIEW_AT below FRAUD_DECLINE_AT, ...),
 and the KAFKA_* security settings of `app/security.py` with them. Whatever is wrong is reported at
 once, in one line naming every bad value, and the process stops:
 
@@ -27,9 +27,10 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-# The pipelines a worker can run (app/usecases.py's USE_CASES; a test keeps the two the same).
-# Named here because app.usecases itself reads these settings.
+# The pipelines a worker can run (app/pipelines.py defines them; a test keeps the two the same).
+# Named here because their definitions read these settings.
 PIPELINE_NAMES = ("cart", "fraud")
+_TOPIC = r"^[A-Za-z0-9._-]{1,249}$"  # what Kafka accepts as a topic name
 MASK = "***"
 # Faust's broker_request_timeout (90 s): Faust refuses a session timeout above it at start.
 FAUST_REQUEST_TIMEOUT_S = 90.0
@@ -51,7 +52,7 @@ CONSUMER_RESERVED = {
     **_COMMON_RESERVED,
     "group_id": "use APP_ID",
     "key_deserializer": "Faust reads raw bytes", "value_deserializer": "Faust reads raw bytes",
-    "enable_auto_commit": "the commit gate commits offsets (app/gate.py)",
+    "enable_auto_commit": "the commit gate commits offsets (app/pipeline/publish.py)",
     "auto_commit_interval_ms": "use COMMIT_INTERVAL_S",
     "auto_offset_reset": "use AUTO_OFFSET_RESET",
     "fetch_max_wait_ms": "use FETCH_WAIT_MS",
@@ -159,6 +160,8 @@ def _phrase(err: dict) -> str:
         return "is not a finite number"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}"
+    if kind == "string_pattern_mismatch":
+        return "is not a Kafka topic name (1-249 letters, digits, '.', '_' or '-')"
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "value_error":
@@ -192,7 +195,7 @@ class Settings(BaseSettings):
     data_dir: Path = _var("DATA_DIR", Path("data"))
     model_dir: Path = _var("MODEL_DIR", Path("models"))
     partitions: int = _var("TOPIC_PARTITIONS", 4, ge=1)
-    # The pipelines this worker runs (app/usecases.py). Separate worker groups per pipeline scale and
+    # The pipelines this worker runs (app/pipelines.py). Separate worker groups per pipeline scale and
     # fail independently; on the embedded broker every subscribed partition also costs each fetch.
     pipelines: Annotated[tuple[str, ...], NoDecode] = _var("PIPELINES", PIPELINE_NAMES)
     standby_replicas: int = _var("STANDBY_REPLICAS", 0, ge=0)
@@ -205,7 +208,7 @@ class Settings(BaseSettings):
     # gave about +15%); the agent's intake holds at most twice this many fetched records.
     batch_max: int = _var("BATCH_MAX", 5000, ge=1)
     # State is written behind, for several batches at once while records are waiting (see
-    # app/processor.py): at most this many events or this long. A key several batches touch is
+    # app/pipeline/writer.py): at most this many events or this long. A key several batches touch is
     # written and changelogged once; offsets are committed once their state is written.
     state_flush_events: int = _var("STATE_FLUSH_EVENTS", 20_000, ge=1)
     state_flush_ms: float = _var("STATE_FLUSH_MS", 500.0, gt=0)
@@ -230,17 +233,27 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = _var("BROKER_REBALANCE_TIMEOUT", 3.0, gt=0)
     session_timeout_s: float = _var("BROKER_SESSION_TIMEOUT", 6.0, gt=0)
     heartbeat_s: float = _var("BROKER_HEARTBEAT_INTERVAL", 1.0, gt=0)
+    # Topic names. Internal topics (the repartition hops, the tables' changelogs) are named
+    # <INTERNAL_TOPIC_PREFIX>-<input>-by-<key> and <INTERNAL_TOPIC_PREFIX>-<table>-changelog; the
+    # prefix defaults to APP_ID (the consumer group), as Faust names them. Faust's own leader topic
+    # is always <APP_ID>-__assignor-__leader.
+    cart_input_topic: str = _var("CART_INPUT_TOPIC", "cart_events", pattern=_TOPIC)
+    cart_output_topic: str = _var("CART_OUTPUT_TOPIC", "personalization_scores", pattern=_TOPIC)
+    fraud_input_topic: str = _var("FRAUD_INPUT_TOPIC", "transactions", pattern=_TOPIC)
+    fraud_output_topic: str = _var("FRAUD_OUTPUT_TOPIC", "fraud_decisions", pattern=_TOPIC)
+    dead_letter_topic: str = _var("DEAD_LETTER_TOPIC", "dead_letters", pattern=_TOPIC)
+    internal_topic_prefix: str = _var("INTERNAL_TOPIC_PREFIX", "", pattern=r"^[A-Za-z0-9._-]{0,200}$")
     # Where a consumer group without a committed offset starts reading an input topic.
     auto_offset_reset: Literal["earliest", "latest"] = _var("AUTO_OFFSET_RESET", "earliest")
     # Thresholds of the fraud decision: score >= review -> review, >= decline -> decline.
     fraud_review_at: float = _var("FRAUD_REVIEW_AT", 0.5, ge=0, le=1)
     fraud_decline_at: float = _var("FRAUD_DECLINE_AT", 0.85, ge=0, le=1)
-    # Fault injection for failure tests and drills (see app/faults.py); empty = off.
+    # Fault injection for failure tests and drills (see app/dev/faults.py); empty = off.
     fault_file: str = _var("FAULT_FILE", "")
     # Read by app/logs.py, which applies it; here so that it is checked and shown with the rest.
     log_format: Literal["text", "json"] = _var("LOG_FORMAT", "text")
     # Any other keyword of AIOKafkaConsumer / AIOKafkaProducer, for the worker's Faust clients
-    # (app/faust_patches.py): KAFKA_PRODUCER_COMPRESSION_TYPE=lz4 -> compression_type='lz4'.
+    # (app/kafka/patches.py): KAFKA_PRODUCER_COMPRESSION_TYPE=lz4 -> compression_type='lz4'.
     consumer_options: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict,
                                                                   validation_alias="KAFKA_CONSUMER_*")
     producer_options: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict,
@@ -323,6 +336,12 @@ class Settings(BaseSettings):
         below("fraud_review_at", "fraud_decline_at", self.fraud_review_at, self.fraud_decline_at)
         below("heartbeat_s", "session_timeout_s", self.heartbeat_s, self.session_timeout_s)
         below("retry_base_ms", "retry_max_ms", self.retry_base_ms, self.retry_max_ms, strict=False)
+        topics = [(a, getattr(self, a)) for a in ("cart_input_topic", "cart_output_topic", "fraud_input_topic",
+                                                   "fraud_output_topic", "dead_letter_topic") if ok(a)]
+        for i, (a, name) in enumerate(topics):
+            clash = next((b for b, other in topics[:i] if other == name), None)
+            if clash is not None:
+                problems.append(f"{_alias(a)}={name!r} must differ from {_alias(clash)}={name!r}")
         if ok("session_timeout_s") and self.session_timeout_s > FAUST_REQUEST_TIMEOUT_S:
             problems.append(f"BROKER_SESSION_TIMEOUT={_num(self.session_timeout_s)} must be at most "
                             f"{_num(FAUST_REQUEST_TIMEOUT_S)} (Faust's broker_request_timeout)")
@@ -338,6 +357,11 @@ class Settings(BaseSettings):
         return self
 
     # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def topic_prefix(self) -> str:
+        """INTERNAL_TOPIC_PREFIX, or APP_ID when it is not set."""
+        return self.internal_topic_prefix or self.app_id
 
     @property
     def advertised_host(self) -> str:
@@ -384,6 +408,11 @@ def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def bootstrap_servers(url: str) -> str:
+    """A Faust broker URL (kafka://h:p[;kafka://h2:p2]) as an aiokafka bootstrap list."""
+    return ",".join(u.split("://", 1)[-1] for u in url.replace(";", ",").split(","))
+
+
 class ConfigurationError(ValueError):
     """Bad settings; the message names every bad value, on one line."""
 
@@ -409,11 +438,16 @@ def load() -> Settings:
     return s
 
 
-def _load_or_exit() -> Settings:
-    try:
-        return load()
-    except ConfigurationError as exc:
-        raise SystemExit(f"configuration error: {exc}") from None
+_current: Settings | None = None
 
 
-settings = _load_or_exit()
+def current() -> Settings:
+    """The settings of this process, read from the environment at the first call; bad settings
+    stop the process with one line naming each."""
+    global _current
+    if _current is None:
+        try:
+            _current = load()
+        except ConfigurationError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+    return _current

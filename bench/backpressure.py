@@ -17,10 +17,19 @@ from pathlib import Path
 
 import orjson
 
-from app.broker import EmbeddedBroker
-from app.settings import settings
-from bench.common import Reader, create_topics, latency_stats, proc_status, say
-from bench.run import RESULTS, Worker, run_proc_to_result, spawn, stop, wait_line
+from app.dev.broker import EmbeddedBroker
+from app.settings import current
+from bench.common import (
+    RESULTS,
+    Reader,
+    Worker,
+    create_topics,
+    helper,
+    latency_stats,
+    proc_status,
+    run_proc_to_result,
+    say,
+)
 
 LOW_RATE = 500
 
@@ -45,7 +54,7 @@ async def run(args) -> dict:
     say(f"work dir {workdir}; capacity {capacity}/s, offering {target}/s for {args.overload_seconds} s")
     broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
     worker = None
-    reader = Reader(broker.bootstrap, "personalization_scores", "event_ts", settings.fetch_wait_ms,
+    reader = Reader(broker.bootstrap, "personalization_scores", "event_ts", current().fetch_wait_ms,
                     id_field="event_id")
     out: dict = {"capacity_events_per_s": capacity, "offered_target_events_per_s": target}
     try:
@@ -63,16 +72,16 @@ async def run(args) -> dict:
         log = workdir / "loadgen-overload.log"
         # 20-ms ticks: the same rate in a tenth of the record batches, which the embedded broker
         # stores as objects and lists on every fetch; a backlog of millions stays drainable
-        gen = spawn(["-m", "bench.loadgen", "--bootstrap", broker.bootstrap, "--topic", "cart_events", "--rate",
-                     str(target), "--duration", str(args.overload_seconds), "--prefix", "over-",
-                     "--tick-ms", "20"], log)
-        await wait_line(log, "READY", gen)
+        gen = helper(["-m", "bench.loadgen", "--bootstrap", broker.bootstrap, "--topic", "cart_events", "--rate",
+                      str(target), "--duration", str(args.overload_seconds), "--prefix", "over-",
+                      "--tick-ms", "20"], log)
+        await gen.wait_for_async("READY")
         t0 = time.monotonic()
         samples = []  # (seconds, worker RSS MiB, outputs so far)
-        while gen.poll() is None:
+        while gen.alive():
             samples.append((round(time.monotonic() - t0, 1), proc_status(worker.pid).get("VmRSS"), reader.count))
             await asyncio.sleep(1)
-        stop(gen)
+        gen.stop()
         result = orjson.loads([ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")][-1][7:])
         t_end = time.monotonic() - t0
         received_at_end = reader.count
@@ -110,18 +119,18 @@ async def run(args) -> dict:
         # tell the broker's slowdown from the worker's: Tansu keeps every record in memory.
         worker.stop()
         say(f"control: bare relay cart_events -> personalization_scores at {LOW_RATE}/s on the same broker")
-        relay = spawn(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "cart_events", "--dst",
-                       "personalization_scores"], workdir / "relay.log")
+        relay = helper(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "cart_events", "--dst",
+                        "personalization_scores"], workdir / "relay.log")
         try:
-            await wait_line(workdir / "relay.log", "READY", relay)
-            control = Reader(broker.bootstrap, "personalization_scores", "ts", settings.fetch_wait_ms)
+            await relay.wait_for_async("READY")
+            control = Reader(broker.bootstrap, "personalization_scores", "ts", current().fetch_wait_ms)
             await control.start()
             try:
                 out["after_bare_relay"] = await low_rate(broker.bootstrap, control, workdir, "relay-", 10)
             finally:
                 await control.stop()
         finally:
-            stop(relay)
+            relay.stop()
     finally:
         await reader.stop()
         if worker:

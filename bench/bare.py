@@ -19,15 +19,15 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.settings import settings
+from app.settings import current
 from bench.common import PARTITIONS
 
 
 async def loop(bootstrap: str, src: str, dst: str, count: int, from_beginning: bool) -> dict:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.fetch_wait_ms)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=settings.linger_ms,
-                                max_batch_size=getattr(settings, "producer_max_batch_bytes", 16384), acks=1)
+                                fetch_max_wait_ms=current().fetch_wait_ms)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=current().linger_ms,
+                                max_batch_size=current().producer_max_batch_bytes, acks=1)
     await consumer.start()
     await producer.start()
     tps = [TopicPartition(src, p) for p in range(PARTITIONS)]
@@ -45,7 +45,7 @@ async def loop(bootstrap: str, src: str, dst: str, count: int, from_beginning: b
     first = None
     try:
         while not stop.is_set() and (count <= 0 or done < count):
-            batch = await consumer.getmany(timeout_ms=100, max_records=settings.batch_max)
+            batch = await consumer.getmany(timeout_ms=100, max_records=current().batch_max)
             if not batch:
                 continue
             if first is None:

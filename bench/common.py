@@ -1,18 +1,79 @@
-"""Shared parts of the benchmark: broker topics, input events, the reader, percentiles, process memory."""
+"""Shared parts of the benchmark: processes, broker topics, input events, the reader, percentiles,
+process memory."""
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from app.dev.broker import free_port
+from app.dev.launcher import LoggedProcess, WorkerProcess
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
 PARTITIONS = 4
+
+
+# -- processes: the real worker, and the helpers (bare loop, load generator), each in its own ------
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
+
+
+def helper(args: list[str], log: Path) -> LoggedProcess:
+    """A helper process of the benchmark (`python -m bench.bare ...`), started."""
+    return LoggedProcess(args, _env(), log, cwd=ROOT).start()
+
+
+async def run_proc_to_result(args: list[str], log: Path, timeout: float = 600) -> dict:
+    """Run a helper to its end; the JSON of its last `RESULT ` line."""
+    proc = helper(args, log)
+    deadline = time.monotonic() + timeout
+    while proc.alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    proc.stop()
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{args} gave no result; see {log}")
+    return orjson.loads(lines[-1].split("RESULT ", 1)[1])  # the log is appended to: the last one is ours
+
+
+class Worker(WorkerProcess):
+    """The real worker, started as users start it: `faust -A app worker -l info`."""
+
+    def __init__(self, broker_url: str, workdir: Path, env: dict | None = None, name: str = "worker") -> None:
+        self.web_port = free_port()
+        self.data_dir = workdir / f"data-{name}"
+        super().__init__(_env({"BROKER_URL": broker_url, "WEB_PORT": str(self.web_port),
+                               "DATA_DIR": str(self.data_dir), "MODEL_DIR": str(MODEL_DIR), **(env or {})}),
+                         workdir / f"{name}.log", cwd=ROOT)
+
+    async def ready(self, timeout: float = 120) -> None:
+        await self.wait_for_async(timeout=timeout)
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics, cart pipeline samples only, as {name{labels}: value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("#") or 'pipeline="fraud"' in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[re.sub(r'\{pipeline="cart"\}', "", name)] = float(value)
+            except ValueError:
+                pass
+        return out
 
 
 def say(msg: str) -> None:

@@ -20,49 +20,15 @@ import pstats
 import sys
 import tempfile
 import time
-from collections import namedtuple
-from types import SimpleNamespace
 
 import orjson
-from aiokafka.producer.message_accumulator import BatchBuilder
 
-ConsumerRecord = namedtuple("ConsumerRecord", "topic partition offset key value headers")
-
-
-class AckingProducer:
-    """What the gate needs of aiokafka's producer; every batch is acknowledged immediately."""
-
-    def __init__(self, partitions: int) -> None:
-        self.partitions = set(range(partitions))
-        self.offsets: dict = {}
-
-    def _ensure_producer(self):
-        return self
-
-    def create_batch(self):
-        return BatchBuilder(512 * 1024, 0)
-
-    async def partitions_for(self, topic):
-        return self.partitions
-
-    async def send_batch(self, batch, topic, partition):
-        fut = asyncio.get_running_loop().create_future()
-        base = self.offsets.get((topic, partition), 0)
-        self.offsets[(topic, partition)] = base + batch.record_count()
-        fut.set_result(SimpleNamespace(offset=base))
-        return fut
-
-
-class FakeBatch:
-    def __init__(self, records, generation) -> None:
-        self.records, self.generation, self.acked = records, generation, False
-
-    def ack(self, owned=None) -> None:
-        self.acked = True
+from app.dev.inprocess import ConsumerRecord, FakeBatch, build
 
 
 def records(n: int, users: int, partitions: int) -> list[ConsumerRecord]:
     from aiokafka.partitioner import murmur2
+
     from bench.common import cart_events
 
     out, offsets = [], [0] * partitions
@@ -75,15 +41,10 @@ def records(n: int, users: int, partitions: int) -> list[ConsumerRecord]:
 
 
 async def run(args) -> None:
-    os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="bench-inprocess-"))
-    from app import gate
-    from app.worker import app, pipelines
-
-    producer = AckingProducer(app.conf.topic_partitions)
-    gate.submit_batch = lambda _p, topic, partition, batch: producer.send_batch(batch, topic, partition)
-    app.producer._ensure_producer = producer._ensure_producer
-    processor = pipelines["cart"].processor
-    data = records(args.events, args.users, app.conf.topic_partitions)
+    service = build(tempfile.mkdtemp(prefix="bench-inprocess-"))
+    partitions = service.settings.partitions
+    processor = service.pipelines["cart"].processor
+    data = records(args.events, args.users, partitions)
 
     async def once(n: int, generation=1) -> float:
         # the same events again at later offsets: new to the state, as a stream that goes on
@@ -95,7 +56,7 @@ async def run(args) -> None:
         for b in batches:
             handed.append(FakeBatch(b, generation))
             await processor.handle(handed[-1])
-        await processor.drain()
+        await processor.writer.drain()
         assert all(b.acked for b in handed)
         return time.process_time() - t0
 

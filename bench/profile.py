@@ -15,9 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from app.broker import EmbeddedBroker
-from bench.common import cart_events, create_topics, produce_all, say
-from bench.run import Worker
+from app.dev.broker import EmbeddedBroker
+from bench.common import Worker, cart_events, create_topics, produce_all, say
 
 
 def top(collapsed: Path, n: int = 40) -> str:

@@ -4,7 +4,7 @@
 
 For each size: a fresh broker, the `user_sessions` changelog written directly in the table's format
 (key = user id bytes, value = orjson of {"state": ..., "applied": {...}}, on the key's partition;
-see tables/store.py), then `faust -A app worker` started with an empty data dir. Reported: the
+see app/kafka/store.py), then `faust -A app worker` started with an empty data dir. Reported: the
 time Faust's recovery spent reading the changelog (from its own log lines, "Restoring state from
 changelog topics..." to "Done reading from changelog topics"), the time from process start to
 ready (/ready answers 200, i.e. recovery complete and partitions assigned), keys/s, and a check
@@ -24,11 +24,10 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from app.broker import EmbeddedBroker
-from app.usecases import CART
-from bench.common import PARTITIONS, cart_events, create_topics, say
-from bench.run import RESULTS, Worker
-from tables import session
+from app.dev.broker import EmbeddedBroker
+from app.pipelines import configured
+from bench.common import PARTITIONS, RESULTS, Worker, cart_events, create_topics, say
+from domain import session
 
 CHANGELOG = "scoring-user_sessions-changelog"
 _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
@@ -41,6 +40,7 @@ async def write_changelog(bootstrap: str, users: int) -> int:
     size = 0
     try:
         futs = []
+        cart = configured()["cart"]
         events = cart_events(min(users, 50_000), users, 5, "r")
         for i in range(users):
             user = f"u{i}"
@@ -49,7 +49,7 @@ async def write_changelog(bootstrap: str, users: int) -> int:
                 e.setdefault("product_id", "p1")
             key = user.encode()
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
-            value = orjson.dumps({"state": CART.apply(session.new_state(), e),
+            value = orjson.dumps({"state": cart.apply(session.new_state(), e),
                                   "applied": {f"cart_events:{partition}": i}})
             size += len(value)
             futs.append(await producer.send(CHANGELOG, value, key=key, partition=partition))

@@ -25,115 +25,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
 
-from app.broker import EmbeddedBroker
-from app.settings import settings
-from bench.common import (ROOT, Reader, cart_events, cpu_seconds, create_topics, latency_stats, proc_status,
-                          produce_all, say)
+from app.dev.broker import EmbeddedBroker
+from app.settings import current
+from bench.common import (
+    MODEL_DIR,
+    RESULTS,
+    ROOT,
+    Reader,
+    Worker,
+    cart_events,
+    cpu_seconds,
+    create_topics,
+    helper,
+    latency_stats,
+    proc_status,
+    produce_all,
+    run_proc_to_result,
+    say,
+)
 
-RESULTS = ROOT / "bench" / "results"
 RATES = (500, 1000, 2000, 5000)
-MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    out = open(log, "ab")
-    try:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                                start_new_session=True)
-    finally:
-        out.close()
-
-
-async def wait_line(log: Path, needle: str, proc: subprocess.Popen, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        for line in text.splitlines():
-            if needle in line:
-                return line
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited ({proc.returncode}); see {log}:\n{text[-2000:]}")
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{needle!r} not seen in {log} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-
-
-class Worker:
-    """The real worker, started as users start it: `faust -A app worker -l info`."""
-
-    def __init__(self, broker_url: str, workdir: Path, env: dict | None = None, name: str = "worker"):  # noqa: D107
-        from app.broker import free_port
-
-        self.web_port = free_port()
-        self.log = workdir / f"{name}.log"
-        self.data_dir = workdir / f"data-{name}"
-        self.env = {"BROKER_URL": broker_url, "WEB_PORT": str(self.web_port), "DATA_DIR": str(self.data_dir),
-                    "MODEL_DIR": str(MODEL_DIR), **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Worker":
-        self.proc = spawn(["-m", "faust", "-A", "app", "worker", "-l", "info"], self.log, self.env)
-        return self
-
-    async def ready(self, timeout: float = 120) -> None:
-        await wait_line(self.log, "[^Worker]: Ready", self.proc, timeout)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def metrics(self) -> dict[str, float]:
-        """The worker's /metrics, cart pipeline samples only, as {name{labels}: value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("#") or 'pipeline="fraud"' in line:
-                continue
-            name, _, value = line.rpartition(" ")
-            try:
-                out[re.sub(r'\{pipeline="cart"\}', "", name)] = float(value)
-            except ValueError:
-                pass
-        return out
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-
-async def run_proc_to_result(args: list[str], log: Path, timeout: float = 600) -> dict:
-    proc = spawn(args, log)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    stop(proc)
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{args} gave no result; see {log}")
-    return orjson.loads(lines[-1].split("RESULT ", 1)[1])  # the log is appended to: the last one is ours
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -151,7 +70,7 @@ async def latency_step(bootstrap: str, in_topic: str, out_topic: str, ts_field: 
     """A warm-up (connections, metadata, first batches; not measured), then `rate` events/s for
     `duration` seconds into `in_topic`, read back from `out_topic` by a reader of its own. Returns
     what was sent and received, and the (arrival, `ts_field`) samples."""
-    reader = Reader(bootstrap, out_topic, ts_field, settings.fetch_wait_ms)
+    reader = Reader(bootstrap, out_topic, ts_field, current().fetch_wait_ms)
     await reader.start()
     try:
         await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
@@ -193,13 +112,14 @@ def scorer_microbench() -> dict:
     compiled trees (`Scorer.predict`, lleaves) and LightGBM's own `Booster.predict`."""
     import numpy as np
 
-    from app.scorer import Scorer
-    from app.usecases import CART
+    from app.models.scorer import Scorer
+    from app.pipelines import configured
     from training.train import replay
 
+    cart = configured()["cart"]
     events = cart_events(5000, 500, 3, "s")
-    rows = replay(CART, events)
-    scorer = Scorer(MODEL_DIR / "cart", CART.feature_names)
+    rows = replay(cart, events)
+    scorer = Scorer(MODEL_DIR / "cart", cart.feature_names)
 
     def per_row(predict) -> tuple[float, float]:
         predict(rows[:500])
@@ -240,7 +160,7 @@ async def bench(args) -> dict:
     result: dict = {"config": {"events": n, "users": users, "partitions": 4, "rates": list(RATES), "rounds": args.rounds, "quick": args.quick,
                                "worker_env": args.worker_env,
                                "durations_s": {str(k): v for k, v in durations.items()},
-                               "settings": {k: v for k, v in settings.describe().items()
+                               "settings": {k: v for k, v in current().describe().items()
                                             if k in ("batch_max", "fetch_wait_ms", "linger_ms",
                                                      "producer_max_batch_bytes", "commit_interval_s")}}}
     brokers: list[EmbeddedBroker] = []
@@ -257,7 +177,7 @@ async def bench(args) -> dict:
         secs = await produce_all(broker.bootstrap, "cart_events", events)
         say(f"  {n} events in {secs:.1f} s")
         say("ceiling: bare aiokafka consume -> produce loop over the input")
-        reader = Reader(broker.bootstrap, "bench_out", None, settings.fetch_wait_ms)
+        reader = Reader(broker.bootstrap, "bench_out", None, current().fetch_wait_ms)
         readers.append(reader)
         await reader.start()
         bare = await run_proc_to_result(["-m", "bench.bare", "drain", "--bootstrap", broker.bootstrap, "--src",
@@ -275,7 +195,7 @@ async def bench(args) -> dict:
         await produce_all(broker.bootstrap, "cart_events", events)
         del events
         say("worker: draining the pre-produced input")
-        reader = Reader(broker.bootstrap, "personalization_scores", None, settings.fetch_wait_ms, keep_values=True)
+        reader = Reader(broker.bootstrap, "personalization_scores", None, current().fetch_wait_ms, keep_values=True)
         readers.append(reader)
         await reader.start()
         t_start = time.monotonic()
@@ -321,14 +241,13 @@ async def bench(args) -> dict:
                 broker = await fresh_broker(workdir, f"latency-{rate}-{round_}",
                                             ["cart_events", "personalization_scores", "relay_in", "relay_out"])
                 brokers.append(broker)
-                log = workdir / f"relay-{rate}-{round_}.log"
-                relay = spawn(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "relay_in",
-                               "--dst", "relay_out"], log)
+                relay = helper(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "relay_in",
+                                "--dst", "relay_out"], workdir / f"relay-{rate}-{round_}.log")
                 procs.append(relay)
-                await wait_line(log, "READY", relay)
+                await relay.wait_for_async("READY")
                 steps["bare"][rate].append(await latency_step(broker.bootstrap, "relay_in", "relay_out", "ts", rate,
                                                               durations[rate], workdir, "relay", relay.pid))
-                stop(relay)
+                relay.stop()
 
                 worker = Worker(broker.url, workdir, env=args.worker_env,
                                 name=f"worker-latency-{rate}-{round_}").start()
@@ -363,10 +282,7 @@ async def bench(args) -> dict:
             except Exception:
                 pass
         for proc in procs:
-            if isinstance(proc, Worker):
-                proc.stop()
-            else:
-                stop(proc)
+            proc.stop()
         for b in brokers:
             b.stop()
     return result
@@ -481,7 +397,7 @@ def git_describe() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app", "tables", "agents"], cwd=ROOT,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app", "domain", "agents"], cwd=ROOT,
                                     capture_output=True, text=True).stdout.strip())
         return {"commit": commit, "dirty": dirty}
     except OSError:

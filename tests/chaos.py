@@ -33,9 +33,9 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.broker import EmbeddedBroker
-from app.gate import key_hash
-from app.usecases import USE_CASES
+from app.dev.broker import EmbeddedBroker
+from app.kafka.producer import key_hash
+from app.pipelines import configured
 from tests.harness import Worker, crc32_partition, read_topic
 from training import cart_sim, fraud_sim
 
@@ -123,9 +123,9 @@ class Producer(threading.Thread):
             start = time.monotonic()
             futs = []
             for name, e in self.queue:
-                uc = USE_CASES[name]
-                key, partition = placement(e[uc.key_field].encode())
-                futs.append(await producer.send(uc.source_topic, orjson.dumps(e), key=key, partition=partition))
+                pipe = configured()[name]
+                key, partition = placement(e[pipe.key_field].encode())
+                futs.append(await producer.send(pipe.source_topic, orjson.dumps(e), key=key, partition=partition))
                 self.sent += 1
                 ahead = self.sent / self.rate - (time.monotonic() - start)
                 if ahead > 0:
@@ -136,18 +136,18 @@ class Producer(threading.Thread):
 
 
 def offline_states(name: str, events: list[dict]) -> dict[str, dict]:
-    from app.codec import decode
+    from app.pipeline.codec import decode
 
-    uc, states = USE_CASES[name], {}
+    pipe, states = configured()[name], {}
     for raw in events:
-        e = decode(orjson.dumps(raw), uc.schema, 1 << 20, uc.check)
-        states[e[uc.key_field]] = uc.apply(states.get(e[uc.key_field]) or uc.new_state(), e)
+        e = decode(orjson.dumps(raw), pipe.schema, 1 << 20, pipe.check)
+        states[e[pipe.key_field]] = pipe.apply(states.get(e[pipe.key_field]) or pipe.new_state(), e)
     return states
 
 
 async def _lagging(bootstrap: str, topics: list[str]) -> list[tuple[str, int, int | None, int]]:
     """(topic, partition, committed, end) of every partition not committed to its end."""
-    from app.faust_patches import read_true_ends
+    from app.kafka.probes import read_true_ends
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=GROUP, enable_auto_commit=False)
     await consumer.start()
@@ -235,30 +235,30 @@ def _has_all(id_field: str, want: set):
     return done
 
 
-def _where(broker, uc, ids: set) -> str:
+def _where(broker, pipe, ids: set) -> str:
     """Where the events never scored are in the input topic: first and last offset per partition."""
     spots: dict = {}
-    for r in read_topic(broker, uc.source_topic, timeout=5):
+    for r in read_topic(broker, pipe.source_topic, timeout=5):
         try:
-            event_id = orjson.loads(r.value)[uc.id_field]
+            event_id = orjson.loads(r.value)[pipe.id_field]
         except Exception:
             continue
         if event_id in ids:
             lo, hi, n = spots.get(r.partition, (r.offset, r.offset, 0))
             spots[r.partition] = (min(lo, r.offset), max(hi, r.offset), n + 1)
-    return ", ".join(f"{uc.source_topic}[{p}] {n} in {lo}..{hi}" for p, (lo, hi, n) in sorted(spots.items()))
+    return ", ".join(f"{pipe.source_topic}[{p}] {n} in {lo}..{hi}" for p, (lo, hi, n) in sorted(spots.items()))
 
 
 def _check(broker, load, report: Report, drain_start: float, timeout: float, say) -> Report:
     deadline = drain_start + timeout
     outputs: dict[str, list] = {}
     for name, events in load.items():
-        uc = USE_CASES[name]
-        want = {e[uc.id_field] for e in events}
+        pipe = configured()[name]
+        want = {e[pipe.id_field] for e in events}
         seen: Counter = Counter()
         while time.monotonic() < deadline:
-            records = read_topic(broker, uc.output_topic, _has_all(uc.id_field, want), timeout=20)
-            seen = Counter(orjson.loads(r.value)[uc.id_field] for r in records)
+            records = read_topic(broker, pipe.output_topic, _has_all(pipe.id_field, want), timeout=20)
+            seen = Counter(orjson.loads(r.value)[pipe.id_field] for r in records)
             if want <= set(seen):
                 break
         outputs[name] = seen
@@ -266,22 +266,22 @@ def _check(broker, load, report: Report, drain_start: float, timeout: float, say
         report.missing += len(missing)
         report.duplicates += sum(seen.values()) - len(seen)
         if missing:
-            say(f"chaos: {name}: {len(missing)} never scored: {_where(broker, uc, missing)}; outputs read per "
+            say(f"chaos: {name}: {len(missing)} never scored: {_where(broker, pipe, missing)}; outputs read per "
                 f"partition {dict(sorted(Counter(r.partition for r in records).items()))}")
     report.drain_s = time.monotonic() - drain_start
     report.dead_letters = len(read_topic(broker, "dead_letters", timeout=3))
-    topics = [t for uc in USE_CASES.values()
-              for t in (uc.source_topic, f"scoring-{uc.source_topic}-by-{uc.key_field}")]
+    topics = [t for pipe in configured().values()
+              for t in (pipe.source_topic, f"scoring-{pipe.source_topic}-by-{pipe.key_field}")]
     while time.monotonic() < deadline:  # the last commits follow the last writes
         report.lagging = asyncio.run(_lagging(broker.bootstrap, topics))
         if not report.lagging:
             break
         time.sleep(1)
     for name, events in load.items():
-        uc = USE_CASES[name]
+        pipe = configured()[name]
         expected = offline_states(name, events)
         latest = {}
-        for r in read_topic(broker, f"scoring-{uc.table_name}-changelog", timeout=10):
+        for r in read_topic(broker, f"scoring-{pipe.table_name}-changelog", timeout=10):
             if r.key and r.value:
                 latest[r.key.decode()] = orjson.loads(r.value)["state"]
         wrong = [k for k in expected if latest.get(k) != expected[k]]

@@ -9,7 +9,7 @@ import pytest
 # collection): tests that build the app in-process keep its local state out of the checkout.
 os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="scoring-tests-"))
 
-from app.broker import EmbeddedBroker
+from app.dev.broker import EmbeddedBroker
 from tests.harness import MODEL_DIR, Worker
 
 
@@ -41,9 +41,9 @@ def workers(broker, tmp_path):
 
 
 def pytest_configure(config):
-    from app.usecases import USE_CASES
+    from app.pipelines import configured
 
-    missing = [name for name in USE_CASES if not (MODEL_DIR / name / "model.txt").exists()]
+    missing = [name for name in configured() if not (MODEL_DIR / name / "model.txt").exists()]
     if missing:
         raise pytest.UsageError(f"no {missing} model in {MODEL_DIR}: run `make model` first (make test does)")
 

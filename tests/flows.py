@@ -10,49 +10,49 @@ from typing import Callable
 
 import orjson
 
-from app.usecases import USE_CASES, UseCase
+from app.pipelines import Pipeline, configured
 from tests import fraud_fixtures
 from training import cart_sim
 
 
 @dataclass(frozen=True)
 class Flow:
-    usecase: UseCase
+    pipeline: Pipeline
     valid: Callable[[int, int], list[dict]]  # (n_keys, seed) -> events in produce order
     poison: Callable[[], list[tuple[str, bytes | None, bytes | None]]]
 
     @property
     def name(self) -> str:
-        return self.usecase.name
+        return self.pipeline.name
 
     @property
     def source(self) -> str:
-        return self.usecase.source_topic
+        return self.pipeline.source_topic
 
     @property
     def output(self) -> str:
-        return self.usecase.output_topic
+        return self.pipeline.output_topic
 
     @property
     def key(self) -> str:
-        return self.usecase.key_field
+        return self.pipeline.key_field
 
     @property
     def id(self) -> str:
-        return self.usecase.id_field
+        return self.pipeline.id_field
 
     def changelog(self, app_id: str = "scoring") -> str:
-        return f"{app_id}-{self.usecase.table_name}-changelog"
+        return f"{app_id}-{self.pipeline.table_name}-changelog"
 
     def offline_states(self, events: list[dict]) -> dict[str, dict]:
         """The state per key after a crash-free fold of `events` (through the codec, as online)."""
-        from app.codec import decode
+        from app.pipeline.codec import decode
 
-        uc = self.usecase
+        pipe = self.pipeline
         states: dict[str, dict] = {}
         for raw in events:
-            e = decode(orjson.dumps(raw), uc.schema, 1 << 20, uc.check)
-            states[e[uc.key_field]] = uc.apply(states.get(e[uc.key_field]) or uc.new_state(), e)
+            e = decode(orjson.dumps(raw), pipe.schema, 1 << 20, pipe.check)
+            states[e[pipe.key_field]] = pipe.apply(states.get(e[pipe.key_field]) or pipe.new_state(), e)
         return states
 
 
@@ -89,6 +89,6 @@ def cart_poison() -> list[tuple[str, bytes | None, bytes | None]]:
 
 
 FLOWS = {
-    "cart": Flow(USE_CASES["cart"], cart_events, cart_poison),
-    "fraud": Flow(USE_CASES["fraud"], fraud_fixtures.valid_events, fraud_fixtures.poison_transactions),
+    "cart": Flow(configured()["cart"], cart_events, cart_poison),
+    "fraud": Flow(configured()["fraud"], fraud_fixtures.valid_events, fraud_fixtures.poison_transactions),
 }

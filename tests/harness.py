@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.broker import free_port
+from app.dev.broker import free_port
+from app.dev.launcher import READY, WorkerExited, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT / "models")).resolve()
@@ -30,17 +28,16 @@ def pid_alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-class Worker:
-    """One `faust -A app worker` process with its own web port and data dir."""
+class Worker(WorkerProcess):
+    """One `faust -A app worker` process with its own web port and data dir; a failure to come up
+    fails the test."""
 
     def __init__(self, broker_url: str, data_dir: Path, log_dir: Path, name: str = "w1",
-                 env: dict | None = None, app: str = "app") -> None:
+                 env: dict | None = None, app: str = "app", args: list[str] | None = None) -> None:
         self.name = name
         self.web_port = free_port()
         self.data_dir = data_dir
-        self.log_path = log_dir / f"{name}.log"
-        self.app = app
-        self.env = {
+        super().__init__({
             **os.environ,
             "BROKER_URL": broker_url,
             "WEB_PORT": str(self.web_port),
@@ -48,57 +45,23 @@ class Worker:
             "MODEL_DIR": str(MODEL_DIR),
             "PYTHONPATH": str(ROOT),
             **(env or {}),
-        }
-        self.proc: subprocess.Popen | None = None
-        self._log_offset = 0
+        }, log_dir / f"{name}.log", cwd=ROOT, app=app, args=args)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> "Worker":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", self.app, "worker", "-l", "info"],
-                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        super().start()
         if wait_ready:
-            self.wait_for("[^Worker]: Ready", timeout)
+            self.wait_for(READY, timeout)
         return self
 
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            f.seek(self._log_offset)
-            return f.read().decode(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"worker {self.name}: {needle!r} not seen in {timeout}s:\n{self.log()[-3000:]}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit."""
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 20) -> None:
-        if not self.alive():
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+    def wait_for(self, needle: str = READY, timeout: float = 60) -> None:
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+            super().wait_for(needle, timeout)
+        except (WorkerExited, TimeoutError) as exc:
+            raise AssertionError(f"worker {self.name}: {exc}") from None
 
 
 def bootstrap(broker) -> str:
@@ -112,14 +75,14 @@ def partition_as_producers_do(key: bytes | None, partitions: int = 4) -> int | N
     not the state key's: those records take the repartition hop."""
     if key is None:
         return None
-    from app.gate import key_hash
+    from app.kafka.producer import key_hash
 
     return crc32_partition(key, partitions) if (key_hash(key) >> 7) & 1 else None
 
 
 def written_partition(key: bytes, partitions: int = 4) -> int:
     """The partition `produce` writes a record with this key to."""
-    from app.gate import key_hash
+    from app.kafka.producer import key_hash
 
     chosen = partition_as_producers_do(key, partitions)
     return key_hash(key) % partitions if chosen is None else chosen

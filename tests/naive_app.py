@@ -6,8 +6,10 @@ are lost; the real app holds the offsets until the outputs are acknowledged.
 """
 import faust
 
-from app.faults import Faults, install_publish_faults
-from app.settings import settings
+from app.dev.faults import Faults
+from app.settings import current
+
+settings = current()
 
 app = faust.App(
     "naive",
@@ -33,4 +35,4 @@ async def naive(stream):
 
 @app.on_worker_init.connect
 def _faults(*args, **kwargs):
-    install_publish_faults(app, Faults(settings.fault_file))
+    Faults(settings.fault_file).wrap_faust_send(app)

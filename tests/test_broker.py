@@ -8,7 +8,7 @@ import time
 
 from aiokafka import AIOKafkaProducer
 
-from app.broker import EmbeddedBroker, port_open
+from app.dev.broker import EmbeddedBroker, port_open
 from tests.harness import ROOT, pid_alive
 
 

@@ -8,7 +8,7 @@ import random
 import orjson
 import pytest
 
-from tables import card as c
+from domain import card as c
 
 T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
 

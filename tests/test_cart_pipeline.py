@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.scorer import Scorer
-from app.usecases import CART
-from app.gate import key_hash
+from app.kafka.producer import key_hash
+from app.models.scorer import Scorer
+from app.pipelines import configured
 from tests.flows import FLOWS
 from tests.harness import MODEL_DIR, committed, latest_states, produce_events, read_json, written_partition
 from training import cart_sim
 from training.train import replay
+
+CART = configured()["cart"]
 
 
 def sample_events(n_users=40, days=3, seed=11):

@@ -4,9 +4,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.codec import decode
 from app.errors import Poison
-from app.usecases import CART
+from app.pipeline.codec import decode
+from app.pipelines import configured
+
+CART = configured()["cart"]
+FRAUD = configured()["fraud"]
 
 GOOD = {"event_id": "e1", "user_id": "u1", "ts": 1_700_000_000_000, "type": "add_to_cart",
         "product_id": "p1", "category": "books", "price": 12.5, "quantity": 2}
@@ -66,7 +69,6 @@ def test_null_optional_field_is_absent_and_null_required_field_is_poison():
 
 
 def test_pattern_must_match_the_whole_value():
-    from app.usecases import FRAUD
     from tests.fraud_fixtures import GOOD as TXN
 
     assert decode(orjson.dumps(TXN), FRAUD.schema, 65536)["currency"] == TXN["currency"]

@@ -189,10 +189,10 @@ def test_settings_and_names_fit_the_app(objs):
     config = one(objs, "ConfigMap")["data"]
     # every key is an environment variable the worker reads: named in app/ (or a settings field of
     # that name, for settings read by field name)
-    from app.settings import settings
+    from app.settings import current
 
     sources = "".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
-    unread = [k for k in config if f'"{k}"' not in sources and not hasattr(settings, k.lower())]
+    unread = [k for k in config if f'"{k}"' not in sources and not hasattr(current(), k.lower())]
     assert not unread, f"the ConfigMap sets {unread}, which the worker does not read"
     sts = one(objs, "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
@@ -258,16 +258,16 @@ def test_probes_follow_health_and_ready(objs):
     assert "/ready" in script and "Authorization" in script and "WEB_TOKEN" in script and "WEB_PORT" in script
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 600  # a long changelog replay
     assert startup["timeoutSeconds"] >= 2
-    # /health is open, /ready is not (app/web.py); if /ready became open an httpGet probe would do
-    web = (ROOT / "app" / "web.py").read_text()
-    open_paths = re.search(r"OPEN_PATHS = frozenset\(\{([^}]*)\}\)", web).group(1)
-    assert '"/health"' in open_paths and '"/ready"' not in open_paths
+    # /health is open, /ready is not (app/web/auth.py); if /ready became open an httpGet probe would do
+    from app.web.auth import OPEN_PATHS
+
+    assert "/health" in OPEN_PATHS and "/ready" not in OPEN_PATHS
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     assert one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
 def test_keda_scales_on_the_group_lag_up_to_the_partition_count(objs):
-    from app.usecases import USE_CASES
+    from app.pipelines import configured
 
     config = one(objs, "ConfigMap")["data"]
     sts = one(objs, "StatefulSet")
@@ -288,11 +288,11 @@ def test_keda_scales_on_the_group_lag_up_to_the_partition_count(objs):
         assert meta["allowIdleConsumers"] == "false"
         topics.add(meta["topic"])
     # one trigger per topic the scoring agents consume: each pipeline's input and repartition topic
-    # (app/worker.py names the repartition topic f"{app_id}-{source}-by-{key}")
+    # (app/pipelines.py names the repartition topic f"{prefix}-{source}-by-{key}", the prefix APP_ID by default)
     expected = set()
     for name in config["PIPELINES"].split(","):
-        uc = USE_CASES[name]
-        expected |= {uc.source_topic, f"{config['APP_ID']}-{uc.source_topic}-by-{uc.key_field}"}
+        pipe = configured()[name]
+        expected |= {pipe.source_topic, f"{config['APP_ID']}-{pipe.source_topic}-by-{pipe.key_field}"}
     assert topics == expected
 
 

@@ -220,9 +220,9 @@ def test_without_the_gate_a_failed_publish_loses_the_event(broker, workers, tmp_
 
 def replay(broker, flow: Flow, **choice):
     """`scoring replay-dead-letters`; (letters replayed, skipped at the replay limit)."""
-    from app import replay
+    from app.ops import replay
 
-    out = asyncio.run(replay.replay(broker.bootstrap, {flow.source}, replay.Choice(**choice), dry_run=False))
+    out = asyncio.run(replay.replay(broker.bootstrap, "dead_letters", {flow.source}, replay.Choice(**choice), dry_run=False))
     return len(out.replayed), out.at_limit
 
 

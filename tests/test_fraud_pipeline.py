@@ -7,13 +7,15 @@ from collections import Counter
 import numpy as np
 import orjson
 
-from app.scorer import Scorer
-from app.usecases import FRAUD, fraud_decision
-from tables.card import VELOCITY_FEATURES
+from app.models.scorer import Scorer
+from app.pipelines import configured, fraud_decision
+from domain.card import VELOCITY_FEATURES
 from tests.fraud_fixtures import HOUR_MS, T0, card_testing_burst, habits
 from tests.harness import MODEL_DIR, produce_events, read_json, read_topic
 from training import fraud_sim
 from training.train import replay
+
+FRAUD = configured()["fraud"]
 
 
 
@@ -75,7 +77,7 @@ def test_one_decision_per_transaction_reasons_and_offline_equality(broker, worke
                 "scored_at"} <= set(o)
         assert o["card_id"] == t["card_id"] and o["event_ts"] == t["ts"]
         assert o["model_version"] == scorer.version and 0 <= o["score"] <= 1
-        assert o["decision"] == fraud_decision(o["score"])
+        assert o["decision"] == fraud_decision(o["score"], 0.5, 0.85)  # FRAUD_REVIEW_AT, FRAUD_DECLINE_AT
         assert len(o["reasons"]) <= FRAUD.reasons
         assert all(r["feature"] in FRAUD.feature_names and r["contribution"] > 0 for r in o["reasons"])
 

@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import deadletters
-from app.deadletters import Letter
+from app.dev.inprocess import AckingProducer, build
 from app.kafka.records import read_batch
-from bench.inprocess import AckingProducer
+from app.pipeline import deadletters
+from app.pipeline.deadletters import Letter
 from tests import hostile
 from tests.hostile import ConsumerRecord, cart_event, transaction
+
+DEAD_LETTERS = "dead_letters"
 
 
 class RecordingProducer(AckingProducer):
@@ -65,30 +66,17 @@ class Batch:
 
 
 @pytest.fixture
-def processors(tmp_path, monkeypatch):
-    """pipeline name -> a fresh Processor over its real table (RocksDB under tmp_path)."""
-    from app import gate
-    from app.processor import Processor
-    from app.worker import app, pipelines
+def processors(tmp_path):
+    """pipeline name -> the processor of a fresh worker (real RocksDB tables under tmp_path), every
+    worker sending through one recording producer (`processors.producer`); keywords are settings."""
+    producer = RecordingProducer(4)
+    built = []
 
-    producer = RecordingProducer(app.conf.topic_partitions)
-    monkeypatch.setattr(gate, "submit_batch", lambda _p, topic, partition, batch:
-                        producer.send_batch(batch, topic, partition))
-    monkeypatch.setattr(app.producer, "_ensure_producer", producer._ensure_producer)
-    made = {}
-
-    def make(name: str, **kw) -> Processor:
-        pipeline = pipelines[name]
-        table = pipeline.table
-        if name not in made:
-            monkeypatch.setattr(table.data, "partition_path", lambda p, n=name: tmp_path / f"{n}-p{p}.db")
-            monkeypatch.setattr(table.data, "_dbs", {})
-            monkeypatch.setattr(table, "recent", {})
-            monkeypatch.setattr(table, "unconfirmed", [])
-        old = pipeline.processor
-        made[name] = Processor(app, old.uc, table, old.scorer, old.repartition_topic, old.policy, kw.pop("faults", None),
-                               old.max_event_bytes, kw.pop("flush_events", 1000), kw.pop("flush_ms", 60_000), **kw)
-        return made[name]
+    def make(name: str, **settings):
+        service = build(tmp_path / f"w{len(built)}", producer,
+                        **{"state_flush_events": 1000, "state_flush_ms": 60_000, **settings})
+        built.append(service)
+        return service.pipelines[name].processor
 
     make.producer = producer
     return make
@@ -102,7 +90,7 @@ def run(processor, records, **kw) -> Batch:
 
     async def go():
         await processor.handle(batch, **kw)
-        await processor.drain()
+        await processor.writer.drain()
 
     asyncio.run(go())
     return batch
@@ -110,7 +98,7 @@ def run(processor, records, **kw) -> Batch:
 
 def keyed(pipeline: str, event: dict, offset: int, headers=(), key: bytes | None = ...) -> ConsumerRecord:
     """`event` on its state key's partition, keyed as a shop using Kafka's default partitioner would."""
-    from app.gate import key_hash
+    from app.kafka.producer import key_hash
 
     field, topic = ("user_id", "cart_events") if pipeline == "cart" else ("card_id", "transactions")
     k = event[field].encode()
@@ -130,30 +118,30 @@ def duplicates(processor) -> float:
 def test_any_record_yields_an_output_a_hop_or_a_dead_letter_and_nothing_raises(processors, pipeline, data):
     processor = processors(pipeline) if pipeline not in getattr(processors, "cache", {}) else processors.cache[pipeline]
     processors.cache = {**getattr(processors, "cache", {}), pipeline: processor}
-    uc, producer = processor.uc, processors.producer
-    drawn = data.draw(hostile.records(pipeline, uc.source_topic, processor.repartition_topic))
+    pipe, producer = processor.pipeline, processors.producer
+    drawn = data.draw(hostile.records(pipeline, pipe.source_topic, processor.pipeline.repartition_topic))
     records = [ConsumerRecord(topic, partition, next(_offsets), key, value, headers)
                for topic, partition, key, value, headers in drawn]
     since, dups = len(producer.sent), duplicates(processor)
 
     batch = run(processor, records)
 
-    outputs = producer.to(uc.output_topic, since)
-    hops = producer.to(processor.repartition_topic, since)
-    letters = producer.to(deadletters.TOPIC, since)
+    outputs = producer.to(pipe.output_topic, since)
+    hops = producer.to(processor.pipeline.repartition_topic, since)
+    letters = producer.to(DEAD_LETTERS, since)
     assert batch.acked
     assert len(outputs) + len(hops) + len(letters) + duplicates(processor) - dups == len(records)
     coordinates = {(r.topic, r.partition, r.offset) for r in records}
     for letter in letters:
         parsed = Letter.parse(letter.headers)
         assert parsed.stage and parsed.exception, parsed
-        if parsed.topic == uc.source_topic and (parsed.topic, parsed.partition, parsed.offset) not in coordinates:
+        if parsed.topic == pipe.source_topic and (parsed.topic, parsed.partition, parsed.offset) not in coordinates:
             # a hop record's letter names the record the producer wrote (its origin headers)
-            assert any(r.topic == processor.repartition_topic for r in records)
+            assert any(r.topic == processor.pipeline.repartition_topic for r in records)
         assert len(letter.value or b"") + len(letter.key or b"") <= processor.dead_letter_max_bytes
     for out in outputs:
         body = orjson.loads(out.value)
-        assert 0.0 <= body["score"] <= 1.0 and len(body["features"]) == len(uc.feature_names)
+        assert 0.0 <= body["score"] <= 1.0 and len(body["features"]) == len(pipe.feature_names)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -161,19 +149,19 @@ def test_any_record_yields_an_output_a_hop_or_a_dead_letter_and_nothing_raises(p
 def test_decode_raises_only_poison_for_any_value(raw):
     """The codec's own contract, below the processor's catch-all: a value fails as `Poison` with a
     stage, whatever its bytes, except the recursion that msgspec raises on deep nesting."""
-    from app.codec import decode
     from app.errors import Poison
-    from app.usecases import USE_CASES
+    from app.pipeline.codec import decode
+    from app.pipelines import configured
 
-    for uc in USE_CASES.values():
+    for pipe in configured().values():
         try:
-            event = decode(raw, uc.schema, 65536, uc.check)
+            event = decode(raw, pipe.schema, 65536, pipe.check)
         except Poison as exc:
             assert exc.stage in ("decode", "validate")
         except RecursionError:
             assert raw.count(b"[") + raw.count(b"{") > 500
         else:
-            assert isinstance(event[uc.key_field], str) and isinstance(event["ts"], int)
+            assert isinstance(event[pipe.key_field], str) and isinstance(event["ts"], int)
 
 
 # -- the defects, one by one ----------------------------------------------------------------------
@@ -184,7 +172,7 @@ def test_1_deeply_nested_json_is_a_dead_letter_and_the_next_event_is_scored(proc
     deep = b'{"a": ' * 5000 + b'1' + b'}' * 5000  # under MAX_EVENT_BYTES, so it reaches the decoder
     records = [ConsumerRecord("cart_events", 0, 10, b"u1", deep, []), keyed("cart", cart_event(1, "u1"), 11)]
     run(processor, records)
-    letter, = producer.to(deadletters.TOPIC)
+    letter, = producer.to(DEAD_LETTERS)
     parsed = Letter.parse(letter.headers)
     assert (parsed.stage, parsed.exception, parsed.offset) == ("decode", "RecursionError", 10)
     assert [orjson.loads(o.value)["event_id"] for o in producer.to("personalization_scores")] == ["e1"]
@@ -203,7 +191,7 @@ def test_2_origin_headers_on_an_input_topic_are_ignored(processors, forged):
     run(processor, [first])
     run(processor, [later])
     scored = [orjson.loads(o.value)["txn_id"] for o in processors.producer.to("fraud_decisions")]
-    assert scored == ["t1", "t2"] and not processors.producer.to(deadletters.TOPIC)
+    assert scored == ["t1", "t2"] and not processors.producer.to(DEAD_LETTERS)
 
 
 @pytest.mark.parametrize("origin", [[], [("origin.topic", b"transactions"), ("origin.partition", b"x"),
@@ -213,9 +201,9 @@ def test_2_origin_headers_on_an_input_topic_are_ignored(processors, forged):
 def test_2_a_repartitioned_record_with_a_missing_or_malformed_origin_is_a_dead_letter(processors, origin):
     processor = processors("fraud")
     rec = keyed("fraud", transaction(1, "c1"), 3, headers=origin)
-    rec = rec._replace(topic=processor.repartition_topic)
+    rec = rec._replace(topic=processor.pipeline.repartition_topic)
     run(processor, [rec, keyed("fraud", transaction(2, "c1"), 4)])
-    letter, = processors.producer.to(deadletters.TOPIC)
+    letter, = processors.producer.to(DEAD_LETTERS)
     assert Letter.parse(letter.headers).stage == "headers"
     assert [orjson.loads(o.value)["txn_id"] for o in processors.producer.to("fraud_decisions")] == ["t2"]
 
@@ -224,7 +212,7 @@ def test_3_a_letter_too_large_for_the_broker_is_cut_to_fit_with_its_size_and_che
     processor = processors("cart", dead_letter_max_bytes=100_000)
     huge = b'{"event_id": "' + b"x" * 1_500_000 + b'"}'
     run(processor, [ConsumerRecord("cart_events", 1, 7, b"u1", huge, [("trace", b"t-1")])])
-    letter, = processors.producer.to(deadletters.TOPIC)
+    letter, = processors.producer.to(DEAD_LETTERS)
     h = deadletters.header_map(letter.headers)
     assert len(letter.value) < 100_000 and huge.startswith(letter.value)
     assert h[deadletters.VALUE_SIZE] == str(len(huge)) and h[deadletters.TRUNCATED] == "value"
@@ -236,14 +224,14 @@ def test_3_a_letter_too_large_for_the_broker_is_cut_to_fit_with_its_size_and_che
 def test_3_a_letter_refused_for_good_is_shrunk_once_then_the_process_fails_instead_of_retrying_forever(processors):
     from aiokafka.errors import MessageSizeTooLargeError
 
-    from app.gate import Unpublishable
+    from app.pipeline.publish import Unpublishable
 
     processor = processors("cart")
     producer = processors.producer
     calls = []
 
     def refuse(topic, records):
-        if topic == deadletters.TOPIC:
+        if topic == DEAD_LETTERS:
             calls.append(len(records[0].value or b""))
             if records[0].value:
                 return MessageSizeTooLargeError("as the broker's message.max.bytes")
@@ -252,10 +240,10 @@ def test_3_a_letter_refused_for_good_is_shrunk_once_then_the_process_fails_inste
     producer.refuse = refuse
     run(processor, [ConsumerRecord("cart_events", 1, 7, b"u1", b"not json" * 100, [])])
     assert calls == [800, 0], "refused once whole, then sent as headers only"
-    letter, = producer.to(deadletters.TOPIC)
+    letter, = producer.to(DEAD_LETTERS)
     assert deadletters.header_map(letter.headers)[deadletters.VALUE_SIZE] == "800"
 
-    producer.refuse = lambda topic, records: MessageSizeTooLargeError("always") if topic == deadletters.TOPIC else None
+    producer.refuse = lambda topic, records: MessageSizeTooLargeError("always") if topic == DEAD_LETTERS else None
     with pytest.raises(Unpublishable):
         run(processor, [ConsumerRecord("cart_events", 1, 8, b"u1", b"not json", [])])
 
@@ -276,12 +264,12 @@ def test_3_an_output_refused_for_good_is_not_retried(processors):
     producer.refuse = refuse
     run(processor, [keyed("cart", cart_event(1, "u1"), 3)])
     assert len(tries) == 1, "not retried"
-    letter, = producer.to(deadletters.TOPIC)
+    letter, = producer.to(DEAD_LETTERS)
     assert Letter.parse(letter.headers).stage == "publish"
 
 
 def test_6_dead_letter_statistics_take_any_headers():
-    from tables import dead_letter_stats as stats
+    from domain import dead_letter_stats as stats
 
     current = stats.new_stats()
     for i, headers in enumerate([[("errors.stage", None)], [("errors.ts", b"\xff")], [("errors.offset", b"abc")],
@@ -294,7 +282,7 @@ def test_6_dead_letter_statistics_take_any_headers():
 def test_7_the_intake_is_bounded_by_bytes_as_well_as_records():
     from collections import namedtuple
 
-    from app.intake import RecordSink
+    from app.kafka.intake import RecordSink
 
     Rec = namedtuple("Rec", "offset key value")
     consumer = type("C", (), {"flow_active": True})()
@@ -316,36 +304,35 @@ def test_7_the_intake_is_bounded_by_bytes_as_well_as_records():
 # -- suspected, confirmed and fixed -----------------------------------------------------------------
 
 def test_later_events_of_a_key_are_not_featurised_on_an_event_the_model_rejected(processors, tmp_path):
-    from app.faults import Faults
     from tests.flows import FLOWS
 
     rules = tmp_path / "faults"
     rules.write_text("score_poison:e2\n")
-    processor = processors("cart", faults=Faults(str(rules)))
+    processor = processors("cart", fault_file=str(rules))
     events = [cart_event(1, "u1"), cart_event(2, "u1", "add_to_cart"), cart_event(3, "u1", "add_to_cart")]
     run(processor, [keyed("cart", e, 20 + i) for i, e in enumerate(events)])
     outputs = {orjson.loads(o.value)["event_id"]: orjson.loads(o.value) for o in processors.producer.to("personalization_scores")}
     assert sorted(outputs) == ["e1", "e3"]
     without = [events[0], events[2]]
-    uc, state = processor.uc, processor.uc.new_state()
+    pipe, state = processor.pipeline, processor.pipeline.new_state()
     for e in without:
-        state = uc.apply(state, e)
-    assert outputs["e3"]["features"] == list(uc.features(state, events[2])), "e3 scored on a state without e2"
+        state = pipe.apply(state, e)
+    assert outputs["e3"]["features"] == list(pipe.features(state, events[2])), "e3 scored on a state without e2"
     assert processor.read("u1")["state"] == FLOWS["cart"].offline_states(without)["u1"]
 
 
 def test_keyed_and_unkeyed_records_of_one_key_on_one_partition_are_all_applied(processors):
     """Issue 14, 2: an unkeyed record at offset 15 takes the hop; a keyed one at offset 20 is applied
     directly; when 15 comes back through the hop it used to be taken for a duplicate."""
-    from app.lineage import origin_headers
+    from app.pipeline.lineage import origin_headers
 
     processor = processors("cart")
     direct = keyed("cart", cart_event(20, "u1"), 20)
     unkeyed = keyed("cart", cart_event(15, "u1"), 15, key=None)
     run(processor, [unkeyed, direct])
-    hop, = processors.producer.to(processor.repartition_topic)
+    hop, = processors.producer.to(processor.pipeline.repartition_topic)
     assert dict(hop.headers)["origin.offset"] == b"15"
-    back = ConsumerRecord(processor.repartition_topic, direct.partition, 0, hop.key, hop.value,
+    back = ConsumerRecord(processor.pipeline.repartition_topic, direct.partition, 0, hop.key, hop.value,
                           origin_headers(("cart_events", direct.partition, 15)))
     run(processor, [back])
     assert sorted(orjson.loads(o.value)["event_id"] for o in processors.producer.to("personalization_scores")) == ["e15", "e20"]
@@ -368,7 +355,7 @@ def test_a_replayed_event_is_applied_once_even_when_replayed_twice(processors):
 def test_a_quarantined_record_is_a_dead_letter_without_being_read(processors):
     processor = processors("cart")
     run(processor, [keyed("cart", cart_event(1, "u1"), 9)], set_aside=2)
-    letter, = processors.producer.to(deadletters.TOPIC)
+    letter, = processors.producer.to(DEAD_LETTERS)
     parsed = Letter.parse(letter.headers)
     assert (parsed.stage, parsed.exception, parsed.attempts) == ("quarantine", "PoisonPill", "2")
     assert not processors.producer.to("personalization_scores")

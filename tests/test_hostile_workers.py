@@ -13,7 +13,7 @@ from collections import Counter
 
 import orjson
 
-from app.deadletters import Letter
+from app.pipeline.deadletters import Letter
 from tests.flows import FLOWS, cart_events
 from tests.fraud_fixtures import valid_transactions
 from tests.harness import crc32_partition, produce_records, read_json, read_topic

@@ -1,4 +1,4 @@
-"""Unit tests of app/intake.py: the sink's bounds, the offset guard, and a batch's ack in Faust's books.
+"""Unit tests of app/kafka/intake.py: the sink's bounds, the offset guard, and a batch's ack in Faust's books.
 
 The integration tests (cart, fraud, failure semantics, scale-out) run the intake inside real workers;
 these pin down its edge cases without a broker.
@@ -13,8 +13,8 @@ from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP
 from intervaltree import IntervalTree
 
-from app import intake
-from app.intake import Batch, OffsetGuard, RecordSink
+from app.kafka import intake
+from app.kafka.intake import Batch, OffsetGuard, RecordSink
 
 Rec = namedtuple("Rec", "offset key value", defaults=(None, b"x"))
 A, B = TP("events", 0), TP("events", 1)
@@ -105,7 +105,7 @@ def test_a_rebalance_clears_the_sink_and_drops_a_blocked_put():
 
 
 def test_waiting_for_records_ends_when_they_come_when_the_sink_is_cleared_or_at_the_timeout():
-    """The agent waits this way while state is written behind (app/processor.py: write_due)."""
+    """The agent waits this way while state is written behind (app/pipeline/writer.py: write_due)."""
     async def main():
         loop = asyncio.get_running_loop()
         sink, consumer = RecordSink(capacity=100), FakeConsumer()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.broker import free_port
+from app.dev.broker import free_port
 from tests.harness import ROOT, Worker
 
 PROM = ROOT / "deploy" / "prometheus"
@@ -222,17 +222,11 @@ def test_json_formatter_keeps_a_traceback_in_its_line():
 class K8sWorker(Worker):
     """A worker started with the command of deploy/k8s/statefulset.yaml (`faust` -> this venv's)."""
 
-    def start(self, wait_ready: bool = True, timeout: float = 60) -> "K8sWorker":
+    def __init__(self, *args, **kwargs) -> None:
         sts = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/statefulset.yaml").read_text()))
         command = sts["spec"]["template"]["spec"]["containers"][0]["command"]
         assert command[0] == "faust"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        if wait_ready:
-            self.wait_for("[^Worker]: Ready", timeout)
-        return self
+        super().__init__(*args, args=["-m", *command], **kwargs)
 
 
 def _probe_commands() -> tuple[list[str], dict]:

@@ -1,5 +1,5 @@
 """The processor with its real table (RocksDB in a temporary directory) and a producer that
-acknowledges every record batch at once (the harness of `bench/inprocess.py`): state written behind
+acknowledges every record batch at once (app/dev/inprocess.py): state written behind
 for several batches, acks only after that write, replays recognised and rewritten.
 
 The integration tests run the same code in real workers against the broker; these pin down the
@@ -12,40 +12,26 @@ import asyncio
 import orjson
 import pytest
 
-from bench.inprocess import AckingProducer, ConsumerRecord, FakeBatch
+from app.dev.inprocess import AckingProducer, ConsumerRecord, FakeBatch, build
 from tests.flows import FLOWS
 
 T0 = 1_700_000_000_000
 
 
 @pytest.fixture
-def harness(tmp_path, monkeypatch):
-    from app import gate
-    from app.processor import Processor
-    from app.worker import app, pipelines
+def harness(tmp_path):
+    """(processor, its acknowledging producer, its table) of the cart pipeline of a fresh worker."""
+    def make(flush_events: int, flush_ms: float):
+        service = build(tmp_path, state_flush_events=flush_events, state_flush_ms=flush_ms)
+        cart = service.pipelines["cart"]
+        return cart.processor, service.producer.client(), cart.table
 
-    pipeline = pipelines["cart"]
-    table = pipeline.table
-    monkeypatch.setattr(table.data, "partition_path", lambda partition: tmp_path / f"p{partition}.db")
-    monkeypatch.setattr(table.data, "_dbs", {})
-    monkeypatch.setattr(table, "recent", {})
-    monkeypatch.setattr(table, "unconfirmed", [])
-    producer = AckingProducer(app.conf.topic_partitions)
-    monkeypatch.setattr(gate, "submit_batch", lambda _p, topic, partition, batch:
-                        producer.send_batch(batch, topic, partition))
-    monkeypatch.setattr(app.producer, "_ensure_producer", producer._ensure_producer)
-    old = pipeline.processor
-
-    def make(**kw) -> Processor:
-        return Processor(app, old.uc, table, old.scorer, old.repartition_topic, old.policy, old.faults,
-                         old.max_event_bytes, **kw)
-
-    return make, producer, table
+    return make
 
 
 def cart_records(events: list[dict], first_offset: int = 0) -> list[ConsumerRecord]:
     """Each user's events on the user's partition (keyed as a shop would), offsets from `first_offset`."""
-    from app.gate import key_hash
+    from app.kafka.producer import key_hash
 
     out, offsets = [], {}
     for e in events:
@@ -71,8 +57,7 @@ def outputs(producer: AckingProducer) -> int:
 
 
 def test_state_is_written_once_per_key_for_several_batches_and_acked_after_the_write(harness):
-    make, producer, table = harness
-    processor = make(flush_events=1000, flush_ms=60_000)
+    processor, producer, table = harness(flush_events=1000, flush_ms=60_000)
     events = [event(0, "u1"), event(1, "u2"), event(2, "u1", "add_to_cart"), event(3, "u1")]
     records = cart_records(events)
     first, second = FakeBatch(records[:2], 1), FakeBatch(records[2:], 1)
@@ -83,8 +68,8 @@ def test_state_is_written_once_per_key_for_several_batches_and_acked_after_the_w
         assert outputs(producer) == 4, "outputs never wait for the state"
         assert changelog_records(producer) == 0 and not first.acked and not second.acked
         assert table.read("u1") is None, "nothing written yet"
-        await processor.flush()
-        await processor.drain()
+        await processor.writer.flush()
+        await processor.writer.drain()
 
     asyncio.run(run())
     assert first.acked and second.acked
@@ -95,15 +80,14 @@ def test_state_is_written_once_per_key_for_several_batches_and_acked_after_the_w
 
 
 def test_a_batch_reads_the_state_that_earlier_batches_left_unwritten(harness):
-    make, producer, table = harness
-    processor = make(flush_events=1000, flush_ms=60_000)
+    processor, producer, table = harness(flush_events=1000, flush_ms=60_000)
     events = [event(i, "u1", "add_to_cart" if i % 2 else "product_view") for i in range(6)]
     records = cart_records(events)
 
     async def run():
         for r in records:  # one event per batch
             await processor.handle(FakeBatch([r], 1))
-        await processor.drain()
+        await processor.writer.drain()
 
     asyncio.run(run())
     assert table.read("u1")["state"] == FLOWS["cart"].offline_states(events)["u1"]
@@ -111,8 +95,7 @@ def test_a_batch_reads_the_state_that_earlier_batches_left_unwritten(harness):
 
 
 def test_the_write_happens_after_enough_events_and_before_another_generation(harness):
-    make, producer, table = harness
-    processor = make(flush_events=3, flush_ms=60_000)
+    processor, producer, table = harness(flush_events=3, flush_ms=60_000)
     records = cart_records([event(i, f"u{i}") for i in range(5)])
     batches = [FakeBatch(records[:2], 1), FakeBatch(records[2:3], 1), FakeBatch(records[3:4], 1),
                FakeBatch(records[4:], 2)]
@@ -126,25 +109,24 @@ def test_the_write_happens_after_enough_events_and_before_another_generation(har
         assert changelog_records(producer) == 3 and not batches[2].acked
         await processor.handle(batches[3])  # another consumer generation: the first writes what it has
         assert changelog_records(producer) == 4 and not batches[3].acked
-        await processor.drain()
+        await processor.writer.drain()
 
     asyncio.run(run())
     assert all(b.acked for b in batches) and changelog_records(producer) == 5
 
 
 def test_replayed_events_change_nothing_and_rewrite_the_state_to_the_changelog(harness):
-    make, producer, table = harness
-    processor = make(flush_events=1000, flush_ms=60_000)
+    processor, producer, table = harness(flush_events=1000, flush_ms=60_000)
     events = [event(0, "u1"), event(1, "u2"), event(2, "u1", "add_to_cart")]
     records = cart_records(events)
 
     async def run():
         await processor.handle(FakeBatch(records, 1))
-        await processor.drain()
+        await processor.writer.drain()
         before = {u: table.read(u) for u in ("u1", "u2")}
         written, scored = changelog_records(producer), outputs(producer)
         await processor.handle(FakeBatch(records, 2))  # a replay after a crash, from older offsets
-        await processor.drain()
+        await processor.writer.drain()
         assert outputs(producer) == scored, "a replayed event is not scored again"
         assert changelog_records(producer) == written + 2, "both keys rewritten"
         assert {u: table.read(u) for u in ("u1", "u2")} == before
@@ -153,23 +135,22 @@ def test_replayed_events_change_nothing_and_rewrite_the_state_to_the_changelog(h
 
 
 def test_a_write_is_due_state_flush_ms_after_the_first_unwritten_batch_and_reads_see_it_before(harness):
-    make, producer, table = harness
-    processor = make(flush_events=1000, flush_ms=200)
+    processor, producer, table = harness(flush_events=1000, flush_ms=200)
     records = cart_records([event(0, "u1"), event(1, "u1")])
 
     async def run():
-        assert processor.write_due() is None, "nothing unwritten"
+        assert processor.writer.write_due() is None, "nothing unwritten"
         await processor.handle(FakeBatch(records[:1], 1))
-        assert 0.1 < processor.write_due() <= 0.2
+        assert 0.1 < processor.writer.write_due() <= 0.2
         assert processor.read("u1")["state"]["events"] == 1 and table.read("u1") is None
         await asyncio.sleep(0.1)
         await processor.handle(FakeBatch(records[1:], 1))  # a later batch does not move the deadline
-        assert processor.write_due() <= 0.1
+        assert processor.writer.write_due() <= 0.1
         await asyncio.sleep(0.1)
-        assert processor.write_due() == 0.0
-        await processor.flush()
-        assert processor.write_due() is None and table.read("u1")["state"]["events"] == 2
-        await processor.drain()
+        assert processor.writer.write_due() == 0.0
+        await processor.writer.flush()
+        assert processor.writer.write_due() is None and table.read("u1")["state"]["events"] == 2
+        await processor.writer.drain()
 
     asyncio.run(run())
 
@@ -179,19 +160,18 @@ def test_a_worker_that_lost_a_partition_does_not_write_its_state_over_the_new_ow
     after the new owner had taken the partition: no fencing by assignment."""
     from faust.types import TP
 
-    make, producer, table = harness
-    processor = make(flush_events=1000, flush_ms=60_000)
+    processor, producer, table = harness(flush_events=1000, flush_ms=60_000)
     records = cart_records([event(i, f"u{i}") for i in range(8)])
     kept = records[0].partition
     assert {r.partition for r in records} != {kept}, "users on several partitions"
-    processor.assignment = lambda: {TP("cart_events", kept)}
+    processor.writer.assignment = lambda: {TP("cart_events", kept)}
     batch = FakeBatch(records, 1)
     owned_seen = []
     batch.ack = lambda owned=None: owned_seen.append(owned)
 
     async def run():
         await processor.handle(batch)
-        await processor.drain()
+        await processor.writer.drain()
 
     asyncio.run(run())
     written = {f"u{i}" for i in range(8) if table.read(f"u{i}") is not None}

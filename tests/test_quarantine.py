@@ -1,9 +1,9 @@
-"""The crash-loop breaker's note, as a worker leaves it when it dies (app/quarantine.py)."""
+"""The crash-loop breaker's note, as a worker leaves it when it dies (app/pipeline/quarantine.py)."""
 from __future__ import annotations
 
 from collections import namedtuple
 
-from app.quarantine import DEATHS, Quarantine
+from app.pipeline.quarantine import DEATHS, Quarantine
 
 TP = namedtuple("TP", "topic partition")
 Rec = namedtuple("Rec", "offset")

@@ -11,14 +11,14 @@ from collections import Counter
 
 import orjson
 
-from app import replay
+from app.ops import replay
 from tests.flows import FLOWS, cart_events
 from tests.harness import ROOT, crc32_partition, latest_states, produce_records, read_json, read_topic
 
 
 def run_replay(broker, dry_run=False, **choice) -> replay.Outcome:
-    return asyncio.run(replay.replay(broker.bootstrap, {"cart_events", "transactions"}, replay.Choice(**choice),
-                                     dry_run))
+    return asyncio.run(replay.replay(broker.bootstrap, "dead_letters", {"cart_events", "transactions"},
+                                     replay.Choice(**choice), dry_run))
 
 
 def test_replay_sends_each_letter_once_into_input_topics_only(broker, workers, tmp_path):

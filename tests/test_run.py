@@ -11,7 +11,7 @@ import urllib.request
 
 import orjson
 
-from app.broker import EmbeddedBroker, free_port
+from app.dev.broker import EmbeddedBroker, free_port
 from tests.harness import MODEL_DIR, ROOT, pid_alive, read_topic
 
 

@@ -25,7 +25,7 @@ from tests.harness import committed, latest_states, produce_events, read_topic, 
 from tests.test_web import get, wait_until
 
 FLOW = FLOWS["cart"]
-TABLE = FLOW.usecase.table_name
+TABLE = FLOW.pipeline.table_name
 PARTITIONS = 6  # spreads over three workers: two partitions each
 ENV = {"TOPIC_PARTITIONS": str(PARTITIONS)}
 ALL = set(range(PARTITIONS))

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from app import security
-from app.broker import EmbeddedBroker, free_port, port_open
+from app.dev.broker import EmbeddedBroker, free_port, port_open
 from tests.harness import ROOT, partition_as_producers_do, read_records
 from training import cart_sim
 
@@ -523,7 +523,7 @@ def test_worker_scores_through_mutual_tls_and_the_cli_generates_and_replays_thro
                                lambda rs: {orjson.loads(v)["event_id"] for v in rs} >= want, 40))
     assert {orjson.loads(v)["event_id"] for v in scores} == want
     assert len(asyncio.run(_read(f.bootstrap, sec, "dead_letters", lambda rs: len(rs) >= 1, 20))) == 1
-    # the dead-letter replay's clients (app/replay.py) connect over mutual TLS as well
+    # the dead-letter replay's clients (app/ops/replay.py) connect over mutual TLS as well
     rep = _cli("-m", "app.cli", "replay-dead-letters", "--dry-run", "--broker", f.url, env=env)
     assert rep.returncode == 0, rep.stderr[-2000:]
     log = w.log()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tables import session as s
+from domain import session as s
 
 GAP = 1800.0
 T0 = 1_700_000_000_000

@@ -33,6 +33,12 @@ DEFAULTS = {
     "FRAUD_REVIEW_AT": ("fraud_review_at", 0.5), "FRAUD_DECLINE_AT": ("fraud_decline_at", 0.85),
     "FAULT_FILE": ("fault_file", ""), "AUTO_OFFSET_RESET": ("auto_offset_reset", "earliest"),
     "LOG_FORMAT": ("log_format", "text"), "WEB_ADVERTISED_HOST": ("web_advertised_host", ""),
+    # topic names, settings since issue 17, with the names they had as constants
+    "CART_INPUT_TOPIC": ("cart_input_topic", "cart_events"),
+    "CART_OUTPUT_TOPIC": ("cart_output_topic", "personalization_scores"),
+    "FRAUD_INPUT_TOPIC": ("fraud_input_topic", "transactions"),
+    "FRAUD_OUTPUT_TOPIC": ("fraud_output_topic", "fraud_decisions"),
+    "DEAD_LETTER_TOPIC": ("dead_letter_topic", "dead_letters"), "INTERNAL_TOPIC_PREFIX": ("internal_topic_prefix", ""),
 }
 
 
@@ -143,7 +149,7 @@ def test_pass_through_client_options(env):
     assert problems().split("; ") == [
         "BATCH_MAX=0 must be at least 1",
         "KAFKA_CONSUMER_AUTO_OFFSET_RESET is not passed through: use AUTO_OFFSET_RESET",
-        "KAFKA_CONSUMER_ENABLE_AUTO_COMMIT is not passed through: the commit gate commits offsets (app/gate.py)",
+        "KAFKA_CONSUMER_ENABLE_AUTO_COMMIT is not passed through: the commit gate commits offsets (app/pipeline/publish.py)",
         "KAFKA_CONSUMER_FETCH_MAX_WAITMS: AIOKafkaConsumer has no option 'fetch_max_waitms'",
         "KAFKA_CONSUMER_SASL_PLAIN_PASSWORD is not passed through: use KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_* and "
         "KAFKA_SASL_*",
@@ -154,10 +160,28 @@ def test_pass_through_client_options(env):
     ]
 
 
-def test_the_known_pipelines_are_the_use_cases():
-    from app.usecases import USE_CASES
+def test_topic_names_are_settings_checked_as_kafka_names_and_kept_apart(env):
+    from app.topology import Topology
 
-    assert settings_module.PIPELINE_NAMES == tuple(USE_CASES)
+    env(CART_INPUT_TOPIC="shop.cart", DEAD_LETTER_TOPIC="shop.dlq", INTERNAL_TOPIC_PREFIX="scorer")
+    topology = Topology.from_settings(load())
+    cart = topology.pipelines["cart"]
+    assert (cart.source_topic, cart.output_topic, cart.repartition_topic) == (
+        "shop.cart", "personalization_scores", "scorer-shop.cart-by-user_id")
+    assert (topology.dead_letters, topology.replayed, topology.changelog("user_sessions")) == (
+        "shop.dlq", "shop.dlq.replayed", "scorer-user_sessions-changelog")
+    assert topology.inputs == {"shop.cart", "transactions"}
+    env(INTERNAL_TOPIC_PREFIX="", APP_ID="risk")
+    assert Topology.from_settings(load()).changelog("card_state") == "risk-card_state-changelog", "APP_ID by default"
+    env(CART_INPUT_TOPIC="bad topic", FRAUD_OUTPUT_TOPIC="shop.dlq")
+    assert problems() == ("CART_INPUT_TOPIC='bad topic' is not a Kafka topic name (1-249 letters, digits, '.', '_' "
+                          "or '-'); DEAD_LETTER_TOPIC='shop.dlq' must differ from FRAUD_OUTPUT_TOPIC='shop.dlq'")
+
+
+def test_the_known_pipelines_are_the_use_cases():
+    from app.pipelines import configured
+
+    assert settings_module.PIPELINE_NAMES == tuple(configured())
 
 
 def test_the_readme_table_lists_every_variable():
@@ -203,7 +227,7 @@ def test_scoring_config_prints_the_effective_configuration_with_secrets_masked()
 
 PROBE = """
 import asyncio, json
-from app.worker import app  # the real app, with app/faust_patches.py installed as a worker has it
+from app import app  # the real app, with app/kafka/patches.py installed as a worker has it
 
 async def main():
     producer = app.producer._new_producer()

@@ -1,4 +1,4 @@
-"""Table stores run without RocksDB's write-ahead log (app/faust_patches.py, patch 4).
+"""Table stores run without RocksDB's write-ahead log (app/kafka/patches.py, patch 4).
 
 A process writes through Faust's own `RocksDBOptions.open` and dies without closing the database:
 with the WAL its unflushed writes come back when the database is reopened (the control), without
@@ -21,7 +21,7 @@ WRITE_AND_DIE = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     if sys.argv[2] == "patched":
-        from app import faust_patches
+        from app.kafka import patches as faust_patches
         faust_patches.install(10)
     from faust.stores.rocksdb import RocksDBOptions
     db = RocksDBOptions().open(Path(sys.argv[1]))

@@ -18,14 +18,17 @@ import numpy as np
 import orjson
 import pytest
 
-from app import registry
 from app.cli import main
-from app.scorer import Scorer
-from app.settings import settings
-from app.usecases import CART, FRAUD
+from app.models import registry
+from app.models.scorer import Scorer
+from app.pipelines import configured
+from app.settings import current
 from tests.harness import ROOT, produce, read_json
 from training import cart_sim, fraud_sim, recorded
 from training.train import auc, fold, replay, split
+
+CART = configured()["cart"]
+FRAUD = configured()["fraud"]
 
 ROUNDS = "30"  # enough to learn something, quick to train and compile
 VERSION_LINE = re.compile(r"version: ([0-9a-f]{12})")
@@ -34,7 +37,7 @@ BAD_LINES = [  # (line, stage the worker would dead-letter it at)
     (b'{"event_id":"b1","user_id":"u1","ts":1700000000000,"type":"teleport","category":"c","price":1,"quantity":1}',
      "validate"),
     (b'{"event_id":"b2","user_id":"u1","ts":1700000000000,"type":"add_to_cart","category":"c","price":1,"quantity":1}',
-     "validate"),  # add_to_cart without product_id: the use case's check
+     "validate"),  # add_to_cart without product_id: the pipeline's check
     (b"[1, 2, 3]", "decode"),
 ]
 
@@ -216,7 +219,7 @@ def test_a_file_where_no_event_parses_is_a_one_line_error(tmp_path):
 
 def test_cart_labels_are_this_session_buys_later_on_the_serving_sessions():
     t0 = 1_700_000_000_000
-    gap = int(settings.session_gap_s * 1000)
+    gap = int(current().session_gap_s * 1000)
 
     def ev(i, user, dt, kind):
         e = {"event_id": f"e{i}", "user_id": user, "ts": t0 + dt, "type": kind, "category": "c", "price": 1.0,
@@ -271,13 +274,13 @@ def test_fraud_trains_on_labels_unlabelled_transactions_negative_or_left_out(fra
     assert m["positives_train"] + m["positives_holdout"] == n_fraud
     assert lab["transactions_labelled"] == len(labelled) and lab["bad"] == 1 and lab["unmatched"] == 1
     assert lab["bad_samples"] == ["line 4: 'label' must be 0 or 1, got 2"]
-    for name, threshold in (("review", settings.fraud_review_at), ("decline", settings.fraud_decline_at)):
+    for name, threshold in (("review", current().fraud_review_at), ("decline", current().fraud_decline_at)):
         assert m[name]["threshold"] == threshold and 0 < m[name]["precision"] <= 1 and 0 < m[name]["recall"] <= 1
         assert m[f"baseline_{name}"]["threshold"] == threshold
     assert m["auc_holdout"] > 0.95 and m["pr_auc_holdout"] > 0.5
     assert m["baseline_features"] == ["amount", "channel", "mcc", "hour_of_day"]
     table = "\n".join(lines)
-    assert re.search(rf"review >= {settings.fraud_review_at}\s+{m['review']['precision']:.4f}\s+"
+    assert re.search(rf"review >= {current().fraud_review_at}\s+{m['review']['precision']:.4f}\s+"
                      rf"{m['review']['recall']:.4f}", table)
 
     only = cli(*args, "--labelled-only")

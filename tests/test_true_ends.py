@@ -1,4 +1,4 @@
-"""`read_true_ends` (app/faust_patches.py) on the embedded broker, whose reported ends lag.
+"""`read_true_ends` (app/kafka/patches.py) on the embedded broker, whose reported ends lag.
 
 Issue 14: on a partition that others keep writing (a standby's changelog) it read for as long as
 records kept coming; recovery waited on it. It is bounded now, and still finds the true end of a
@@ -11,7 +11,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.faust_patches import read_true_ends
+from app.kafka.probes import read_true_ends
 
 
 async def _ends(bootstrap: str, tp: TopicPartition) -> dict:

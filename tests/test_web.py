@@ -146,7 +146,7 @@ def test_every_endpoint_with_token(broker, workers):
         assert body["worker"] == base
         assert body["model_version"]
         feats = body["features_now"]
-        assert list(feats) == list(FLOWS["cart"].usecase.feature_names)
+        assert list(feats) == list(FLOWS["cart"].pipeline.feature_names)
         assert feats["session_events"] == 3.0 and feats["cart_items"] == expected[u]["cart_items"]
         assert isinstance(body["recent_scores"], list)
         assert body["recent_scores"], "the processor feeds record_scores"
@@ -212,7 +212,7 @@ def test_every_endpoint_with_token(broker, workers):
     model = get_json(base, "/model", TOKEN)["pipelines"]
     meta = orjson.loads((MODEL_DIR / "cart" / "meta.json").read_bytes())
     assert model["cart"]["version"] == meta["version"]
-    assert model["cart"]["features"] == list(FLOWS["cart"].usecase.feature_names)
+    assert model["cart"]["features"] == list(FLOWS["cart"].pipeline.feature_names)
     assert model["cart"]["metrics"] == meta["metrics"] and model["cart"]["loaded_at"] > 0
     assert set(model) == set(FLOWS)
 
@@ -294,37 +294,36 @@ def test_lookup_is_routed_to_the_owner(broker, workers):
 # -- the recent-scores ring (in process: no broker needed) -----------------------------------------
 
 def test_record_scores_is_bounded_and_newest_first(monkeypatch):
-    from app import web
+    from app.web import recent
 
     def scored(key, i, **extra):
         body = {"event_id": f"e{i}", "user_id": key, "score": i / 100, "event_ts": 1_700_000_000_000 + i,
                 "model_version": "m1", "scored_at": 1_700_000_000_100 + i, "type": "page_view", **extra}
         return SimpleNamespace(key=key, encoded=orjson.dumps(body))
 
-    monkeypatch.setattr(web, "_recent", {})
-    monkeypatch.setattr(web, "RECENT_KEYS", 3)
+    monkeypatch.setattr(recent, "KEYS", 3)
+    ring = recent.RecentScores("event_id")
     items = sorted((scored(f"k{i % 3}", i) for i in range(40)), key=lambda it: it.key)  # by key, as fed
-    web.record_scores("cart", items)
-    web.record_scores("no-such-pipeline", items)  # ignored
-    assert list(web._recent["cart"]) == ["k0", "k1", "k2"]
-    got = web.recent_scores("cart", "k0")
+    ring.record(items)
+    assert list(ring._ring) == ["k0", "k1", "k2"]
+    got = ring.of("k0")
     assert [g["event_id"] for g in got] == [f"e{i}" for i in range(39, 11, -3)], "newest first, bounded"
-    assert len(got) == web.RECENT_PER_KEY
+    assert len(got) == recent.PER_KEY
     assert got[0] == {"event_id": "e39", "score": 0.39, "event_ts": 1_700_000_000_039, "model_version": "m1",
                       "recorded_at": 1_700_000_000_139, "type": "page_view"}
-    assert all(len(entries) < 2 * web.RECENT_PER_KEY for entries in web._recent["cart"].values())
+    assert all(len(entries) < 2 * recent.PER_KEY for entries in ring._ring.values())
     # a key scored again becomes the most recent; a new key pushes out the least recently scored one
-    web.record_scores("cart", [scored("k0", 40)])
-    assert list(web._recent["cart"]) == ["k1", "k2", "k0"]
-    web.record_scores("cart", [scored("k9", 41, decision="review", reasons=[{"feature": "amount"}])])
-    assert list(web._recent["cart"]) == ["k2", "k0", "k9"]
-    assert web.recent_scores("cart", "k1") == []
-    assert web.recent_scores("cart", "k9")[0]["decision"] == "review"
-    assert web.recent_scores("cart", "k9")[0]["reasons"] == [{"feature": "amount"}]
+    ring.record([scored("k0", 40)])
+    assert list(ring._ring) == ["k1", "k2", "k0"]
+    ring.record([scored("k9", 41, decision="review", reasons=[{"feature": "amount"}])])
+    assert list(ring._ring) == ["k2", "k0", "k9"]
+    assert ring.of("k1") == []
+    assert ring.of("k9")[0]["decision"] == "review"
+    assert ring.of("k9")[0]["reasons"] == [{"feature": "amount"}]
 
 
 def test_quantile_from_cumulative_buckets():
-    from app.web import quantile
+    from app.web.stats import quantile
 
     buckets = [[0.01, 0], [0.1, 50], [1.0, 100], ["+Inf", 100]]
     assert quantile(buckets, 0.5) == pytest.approx(0.1)
@@ -334,11 +333,10 @@ def test_quantile_from_cumulative_buckets():
     assert quantile([[1.0, 1], ["+Inf", 10]], 0.99) == 1.0  # beyond the last bound: a lower bound
 
 
-def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tmp_path, monkeypatch):
+def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tmp_path):
     import rocksdict
-    from faust.types import TP
 
-    from app import web
+    from app.kafka.store import key_counts
 
     dbs = {}
     for p, n in ((0, 30), (1, 20)):
@@ -347,11 +345,9 @@ def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tm
             dbs[p][b"k%d" % i] = b"v"
         dbs[p][b"__faust\x00offset__"] = b"7"  # Faust's own key: not a table key
     store = SimpleNamespace(_dbs=dbs, _visible_keys=lambda db: (k for k in db.keys() if not k.startswith(b"__faust")))
-    table = SimpleNamespace(changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"), data=store)
-    monkeypatch.setattr(web, "_assigned", lambda kind: {TP("t-changelog", 0), TP("t-changelog", 1), TP("other", 2)})
-    assert web._scan_keys(table) == {"keys": 50, "keys_exact": True, "keys_by_partition": {"0": 30, "1": 20}}
-    monkeypatch.setattr(web, "KEY_COUNT_EXACT", 10)
-    estimated = web._scan_keys(table)
+    table = SimpleNamespace(data=store)
+    assert key_counts(table, [0, 1], 20_000) == {"keys": 50, "keys_exact": True, "keys_by_partition": {"0": 30, "1": 20}}
+    estimated = key_counts(table, [0, 1], 10)
     assert not estimated["keys_exact"] and estimated["keys"] >= 50  # RocksDB's estimate, Faust's key included
     for db in dbs.values():
         db.close()
@@ -360,13 +356,17 @@ def test_keys_are_counted_exactly_in_small_stores_and_estimated_in_large_ones(tm
 def test_key_counts_are_scanned_at_most_once_a_second_per_table(monkeypatch):
     from types import SimpleNamespace
 
-    from app import web
+    from faust.types import TP
+
+    from app.web import tables
 
     scans = []
-    monkeypatch.setattr(web, "_scan_keys", lambda table: scans.append(table.name) or {"keys": len(scans)})
-    monkeypatch.setattr(web, "_assigned", lambda kind: set())
-    monkeypatch.setattr(web, "_key_counts", {})
-    table = SimpleNamespace(name="t")
-    assert [web._count_keys(table)["keys"] for _ in range(50)] == [1] * 50, "requests do not choose the scan rate"
-    monkeypatch.setattr(web, "REFRESH_MIN_S", 0.0)
-    assert web._count_keys(table)["keys"] == 2
+    monkeypatch.setattr(tables, "key_counts", lambda table, partitions, exact: scans.append(partitions) or {"keys": len(scans)})
+    monkeypatch.setattr(tables, "assigned", lambda app, kind="actives": {TP("t-changelog", 0), TP("t-changelog", 1),
+                                                                         TP("other", 2)})
+    counts = tables.KeyCounts(app=None)
+    table = SimpleNamespace(name="t", changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"))
+    assert [counts(table)["keys"] for _ in range(50)] == [1] * 50, "requests do not choose the scan rate"
+    assert scans == [[0, 1]], "the partitions of the table this worker holds"
+    monkeypatch.setattr(tables, "REFRESH_MIN_S", 0.0)
+    assert counts(table)["keys"] == 2

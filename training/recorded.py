@@ -1,6 +1,6 @@
 """Train on recorded events: a JSON Lines file (gzip accepted) or a Kafka topic's retained history.
 
-    read -> decode + validate every record with the worker's codec (`app.codec.decode`, the use
+    read -> decode + validate every record with the worker's codec (`app.pipeline.codec.decode`, the use
             case's schema and check, MAX_EVENT_BYTES): what the worker would dead-letter is a bad
             record here, counted and reported (first few with their line number), never a crash
          -> keep the events inside --since/--until (event time; since inclusive, until exclusive)
@@ -17,7 +17,7 @@
             current model only if there is none yet or `promote_local` is given.
 
 Recency features: for cart, everything but event type, price, purchases so far and sessions so far
-(`tables.session.BASELINE_FEATURES`: what a nightly profile knows); for fraud, everything that comes
+(`domain.session.BASELINE_FEATURES`: what a nightly profile knows); for fraud, everything that comes
 from the card's state, leaving the transaction alone (amount, channel, mcc, hour of day:
 `training.train_fraud.BASELINE_FEATURES`). These are the baselines of the simulator training.
 """
@@ -36,12 +36,12 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from app import registry
-from app.codec import decode
 from app.errors import Poison
-from app.settings import settings
-from app.usecases import USE_CASES, UseCase
-from tables import session
+from app.models import registry
+from app.pipeline.codec import decode
+from app.pipelines import Pipeline, configured
+from app.settings import current
+from domain import session
 from training import report
 from training.evaluate import at_threshold, average_precision, roc_auc
 from training.train import fit, fold, iso, split, window, write_model
@@ -86,7 +86,7 @@ class Recorded:
 
 @dataclass
 class _Collector:
-    uc: UseCase
+    pipe: Pipeline
     since: int | None
     until: int | None
     raws: list = field(default_factory=list)
@@ -99,7 +99,7 @@ class _Collector:
     def add(self, value: bytes | None, where: str) -> None:
         self.records += 1
         try:
-            event = decode(value, self.uc.schema, settings.max_event_bytes, self.uc.check)
+            event = decode(value, self.pipe.schema, current().max_event_bytes, self.pipe.check)
         except Poison as exc:
             self.bad += 1
             if len(self.samples) < SAMPLES:
@@ -121,13 +121,13 @@ class _Collector:
                 raise TrainingError(f"{what} holds no events")
             if self.bad == self.records:
                 first = f"; first: {self.samples[0]}" if self.samples else ""
-                raise TrainingError(f"no record of {what} is a valid {self.uc.name} event "
+                raise TrainingError(f"no record of {what} is a valid {self.pipe.name} event "
                                     f"({self.bad} bad{first})")
             raise TrainingError(f"no event of {what} lies in the event-time window "
                                 f"[{_when(self.since)}, {_when(self.until)})")
         ts = np.array(self.ts, dtype=np.int64)
         order = np.argsort(ts, kind="stable")
-        return Recorded(self.uc.name, [self.raws[i] for i in order], ts[order], source)
+        return Recorded(self.pipe.name, [self.raws[i] for i in order], ts[order], source)
 
 
 def _when(ms: int | None) -> str:
@@ -145,7 +145,7 @@ def read_file(pipeline: str, path: Path, since: int | None = None, until: int | 
     skipped, any other line that the worker would dead-letter is a bad line."""
     path = Path(path)
     started = time.monotonic()
-    collect = _Collector(USE_CASES[pipeline], since, until)
+    collect = _Collector(configured()[pipeline], since, until)
     try:
         raw = open(path, "rb")
     except OSError as exc:
@@ -174,8 +174,8 @@ async def _read_topic(broker_url: str, topic: str, collect: _Collector, quiet: b
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from app import security
-    from app.cli import bootstrap
-    from app.faust_patches import read_true_ends
+    from app.kafka.probes import read_true_ends
+    from app.settings import bootstrap_servers as bootstrap
 
     servers = bootstrap(broker_url)
     consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,
@@ -250,7 +250,7 @@ def read_topic(pipeline: str, topic: str, broker_url: str, since: int | None = N
                quiet: bool = False) -> Recorded:
     """A topic's retained history, from the beginning to the end offsets taken at start."""
     started = time.monotonic()
-    collect = _Collector(USE_CASES[pipeline], since, until)
+    collect = _Collector(configured()[pipeline], since, until)
     source = asyncio.run(_read_topic(broker_url, topic, collect, quiet))
     return collect.result({**source, "read_seconds": round(time.monotonic() - started, 1)}, f"topic {topic}")
 
@@ -338,11 +338,11 @@ class Dataset:
 
 def build(rec: Recorded, labels: Labels | None = None, labelled_only: bool = False, quiet: bool = False) -> Dataset:
     """Feature rows through the worker's code, and the labels."""
-    uc = USE_CASES[rec.pipeline]
+    pipe = configured()[rec.pipeline]
     keep = cart_keep if rec.pipeline == "cart" else fraud_keep
     with _bar("replaying through feature code", len(rec.raws), "ev", quiet) as bar:
-        folded = fold(uc, rec.raws, report=lambda done, total: bar.update(done - bar.n), keep=keep,
-                      max_bytes=settings.max_event_bytes)
+        folded = fold(pipe, rec.raws, report=lambda done, total: bar.update(done - bar.n), keep=keep,
+                      max_bytes=current().max_event_bytes)
     ok = np.ones(len(rec.raws), dtype=bool)
     for i, _ in folded.failed:
         ok[i] = False
@@ -377,10 +377,10 @@ def _metrics(pipeline: str, y: np.ndarray, p: np.ndarray, p_base: np.ndarray) ->
         "pr_auc_baseline_holdout": _round(average_precision(y, p_base)),
     }
     if pipeline == "fraud":
-        m["review"] = at_threshold(y, p, settings.fraud_review_at)
-        m["decline"] = at_threshold(y, p, settings.fraud_decline_at)
-        m["baseline_review"] = at_threshold(y, p_base, settings.fraud_review_at)
-        m["baseline_decline"] = at_threshold(y, p_base, settings.fraud_decline_at)
+        m["review"] = at_threshold(y, p, current().fraud_review_at)
+        m["decline"] = at_threshold(y, p, current().fraud_decline_at)
+        m["baseline_review"] = at_threshold(y, p_base, current().fraud_review_at)
+        m["baseline_decline"] = at_threshold(y, p_base, current().fraud_decline_at)
     return m
 
 
@@ -410,8 +410,8 @@ def train(rec: Recorded, model_dir: Path, labels: Labels | None = None, labelled
     if labelled_only and labels is None:
         raise TrainingError("--labelled-only needs --labels")
     rounds = rounds or ROUNDS[pipeline]
-    uc = USE_CASES[pipeline]
-    names = list(uc.feature_names)
+    pipe = configured()[pipeline]
+    names = list(pipe.feature_names)
     data = build(rec, labels, labelled_only, quiet)
     replayed = time.monotonic()
     X, y, ts = data.rows[data.use], data.y[data.use], rec.ts[data.use]

@@ -113,8 +113,8 @@ def importance_svg(names: list[str], gain: np.ndarray, recency: set[str]) -> str
     row, left, width = 18, 190, 560
     height = 30 + row * len(names)
     top = max(float(share.max()), 1e-12)
-    body = [f'<text x="4" y="14" class="t">'
-            f'Feature importance: share of total gain (recency features dark)</text>']
+    body = ['<text x="4" y="14" class="t">'
+            'Feature importance: share of total gain (recency features dark)</text>']
     for k, i in enumerate(order):
         y = 24 + k * row
         colour = MODEL_COLOUR if names[i] in recency else "#93b4e8"

@@ -1,7 +1,7 @@
 """Replay simulated history through the serving code path, train LightGBM, write model + metadata.
 
 Events go through the same `decode` (so numbers are typed exactly as online), the same
-`UseCase.apply` and `UseCase.features` as the agents. The held-out set is a time split: the last
+`Pipeline.apply` and `Pipeline.features` as the agents. The held-out set is a time split: the last
 20% of events by event time, as the model would meet the future.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import lightgbm as lgb
 import numpy as np
 import orjson
 
-from app import registry
-from app.codec import decode
-from app.scorer import compiled
-from app.usecases import UseCase
+from app.models import registry
+from app.models.scorer import compiled
+from app.pipeline.codec import decode
+from app.pipelines import Pipeline
 
 SEED = 7
 
@@ -44,7 +44,7 @@ class Folded:
         self.rows, self.failed, self.kept = rows, failed, kept
 
 
-def fold(uc: UseCase, raws: Sequence[bytes], report=None, keep=None, max_bytes: int = 1 << 20) -> Folded:
+def fold(pipe: Pipeline, raws: Sequence[bytes], report=None, keep=None, max_bytes: int = 1 << 20) -> Folded:
     """Replay raw event values (in this order) exactly as a worker does: the same `decode`, the same
     `apply` and `features`, one state per key, the state after each event read for its features.
 
@@ -56,11 +56,11 @@ def fold(uc: UseCase, raws: Sequence[bytes], report=None, keep=None, max_bytes: 
     """
     states: dict[str, dict] = {}
     n = len(raws)
-    rows = np.empty((n, len(uc.feature_names)), dtype=np.float64)
+    rows = np.empty((n, len(pipe.feature_names)), dtype=np.float64)
     failed: list[tuple[int, str]] = []
     kept: list | None = [] if keep is not None else None
-    schema, check, key_field = uc.schema, uc.check, uc.key_field
-    apply, features, new_state = uc.apply, uc.features, uc.new_state
+    schema, check, key_field = pipe.schema, pipe.check, pipe.key_field
+    apply, features, new_state = pipe.apply, pipe.features, pipe.new_state
     step = max(1, n // 20)
     for i, raw in enumerate(raws):
         event = decode(raw, schema, max_bytes, check)
@@ -82,9 +82,9 @@ def fold(uc: UseCase, raws: Sequence[bytes], report=None, keep=None, max_bytes: 
     return Folded(rows, failed, kept)
 
 
-def replay(uc: UseCase, events: list[dict], report=None) -> np.ndarray:
+def replay(pipe: Pipeline, events: list[dict], report=None) -> np.ndarray:
     """Feature rows for `events` (dicts, in order), exactly as a worker computes them."""
-    folded = fold(uc, [orjson.dumps(raw) for raw in events], report)
+    folded = fold(pipe, [orjson.dumps(raw) for raw in events], report)
     if folded.failed:
         raise ValueError(f"{len(folded.failed)} event(s) failed in the feature code, first: {folded.failed[0]}")
     return folded.rows
@@ -148,7 +148,7 @@ def window(ts: np.ndarray) -> dict:
 
 def write_model(model_dir: Path, booster: lgb.Booster, meta: dict, files: dict | None = None,
                 current: bool = True) -> dict:
-    """Store the model as a version of the registry (`<model_dir>/<version>/`, app/registry.py) and,
+    """Store the model as a version of the registry (`<model_dir>/<version>/`, app/models/registry.py) and,
     when `current`, make it the model workers load (`<model_dir>/model.txt` + `meta.json`), compiled
     now so that workers start without compiling. Returns the metadata, `version` first."""
     meta = registry.save(model_dir, booster.model_to_string(),

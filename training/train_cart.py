@@ -5,19 +5,20 @@ from pathlib import Path
 
 import numpy as np
 
-from app.usecases import CART
-from tables.session import BASELINE_FEATURES
+from app.pipelines import configured
+from domain.session import BASELINE_FEATURES
 from training import cart_sim
 from training.train import SEED, auc, fit, progress, replay, split, window, write_model
 
 
 def train(model_dir: Path, n_users: int = 4000, days: float = 14, rounds: int = 200) -> dict:
+    cart = configured()["cart"]
     events = cart_sim.simulate(n_users, days, SEED, progress=progress("simulating shoppers"))
     y = np.array([e["_label"] for e in events])
     ts = np.array([e["ts"] for e in events])
-    X = replay(CART, events, progress("replaying through feature code"))
+    X = replay(cart, events, progress("replaying through feature code"))
     train_mask, test_mask = split(ts)
-    names = list(CART.feature_names)
+    names = list(cart.feature_names)
     print(f"training on {train_mask.sum()} events, holding out {test_mask.sum()} (last 20% by event time)")
     model = fit(X[train_mask], y[train_mask], names, rounds, log_every=50)
     base_cols = [names.index(f) for f in BASELINE_FEATURES]

@@ -1,7 +1,7 @@
 """Train the card-fraud model from simulated card holders.
 
 The simulated history is replayed through the serving code path (`training.train.replay`: the same
-decode, `tables.card.apply` and `tables.card.features` as the worker), LightGBM is trained on the
+decode, `domain.card.apply` and `domain.card.features` as the worker), LightGBM is trained on the
 first 80% by event time and evaluated on the last 20%: ROC AUC, and precision / recall at the
 review and decline thresholds the service applies (settings FRAUD_REVIEW_AT, FRAUD_DECLINE_AT).
 """
@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.settings import settings
-from app.usecases import FRAUD
+from app.pipelines import configured
+from app.settings import current
 from training import fraud_sim
 from training.evaluate import at_threshold
 from training.train import SEED, auc, fit, progress, replay, split, window, write_model
-
 
 # What a model without per-card state sees: the transaction alone. Trained beside the real model to
 # show what the card's recent history adds.
@@ -26,13 +25,14 @@ BASELINE_FEATURES = ("amount", "channel", "mcc", "hour_of_day")
 
 def train(model_dir: Path, n_cards: int = 3000, days: float = 30, rounds: int = 150) -> dict:
     start = time.monotonic()
+    fraud, settings = configured()["fraud"], current()
     txns = fraud_sim.simulate(n_cards, days, SEED, progress=progress("simulating card holders"))
     y = np.array([t["_label"] for t in txns])
     ts = np.array([t["ts"] for t in txns])
     patterns = np.array([t["_pattern"] for t in txns])
-    X = replay(FRAUD, txns, progress("replaying through feature code"))
+    X = replay(fraud, txns, progress("replaying through feature code"))
     train_mask, test_mask = split(ts)
-    names = list(FRAUD.feature_names)
+    names = list(fraud.feature_names)
     print(f"training on {train_mask.sum()} transactions ({int(y[train_mask].sum())} fraud), holding out "
           f"{test_mask.sum()} ({int(y[test_mask].sum())} fraud; last 20% by event time)")
     model = fit(X[train_mask], y[train_mask], names, rounds, log_every=50)

@@ -1,4 +1,4 @@
-"""Four narrow patches to Faust 0.15, each for a reason that cannot wait upstream.
+"""Five narrow patches to Faust 0.15 and aiokafka, each for a reason that cannot wait upstream.
 
 1. Fetch wait as a setting. Faust hard-codes `fetch_max_wait_ms=1500` for the worker consumer.
    Real Kafka answers a fetch as soon as data arrives, so there it only bounds idle polling; Tansu
@@ -11,7 +11,7 @@
    that reports them right this costs one empty fetch per recovery.
 
 3. Delivery without four tasks per record. The consumer hands every fetched record it delivers
-   itself (the agents' topics go through `app.intake` instead; table changelogs for recovery and
+   itself (the agents' topics go through `app.kafka.intake` instead; table changelogs for recovery and
    standbys still come this way) with `wait_first(deliver(record), suspend_flow.wait())`, and
    `wait_first` creates four tasks (plus stopped/crashed watchers) and an `asyncio.wait` per record. Delivery (decode, put on the stream's queue) almost
    always completes without suspending, so the patched `wait_first` first runs the delivery
@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 import types
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 import rocksdict
 from faust.stores import rocksdb as faust_rocksdb
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
 
-from app import security
+from app.kafka.probes import read_true_ends
 
 log = logging.getLogger(__name__)
 
@@ -49,45 +47,6 @@ _open_store = faust_rocksdb.RocksDBOptions.open
 _Thread = faust_aiokafka.AIOKafkaConsumerThread
 _create_worker_consumer = _Thread._create_worker_consumer
 _highwaters = _Thread._highwaters
-
-
-async def read_true_ends(bootstrap, reported: dict, limit_s: float = 5.0) -> dict:
-    """Read from each reported end until nothing more comes back; return the real ends.
-
-    Done when every partition has had a fetch answered (its high watermark is known: an empty round
-    before that is only a slow broker) and a round then brings nothing. A partition that other
-    workers keep writing (a standby's changelog) never stops growing: after `limit_s` the ends seen
-    so far are returned, and recovery catches up from there as usual."""
-    ends = dict(reported)
-    if not ends:
-        return ends
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50,
-                             isolation_level="read_uncommitted", **security.client_kwargs())
-    await probe.start()
-    try:
-        # Faust's TP and aiokafka's TopicPartition are equal tuples: one mapping serves both.
-        tps = [TopicPartition(*tp) for tp in ends]
-        probe.assign(tps)
-        for tp, end in ends.items():
-            probe.seek(TopicPartition(*tp), end)
-        deadline = time.monotonic() + limit_s
-        quiet = 0
-        while time.monotonic() < deadline:
-            batch = await probe.getmany(timeout_ms=200)
-            if batch:
-                quiet = 0
-                for tp, records in batch.items():
-                    if records:
-                        ends[tp] = max(ends[tp], records[-1].offset + 1)
-            elif all(probe.highwater(tp) is not None for tp in tps):
-                quiet += 1
-                if quiet >= 2:
-                    return ends
-        log.info("end offsets of %d partition(s) still moving after %.0f s: using the ends read so far",
-                 len(ends), limit_s)
-        return ends
-    finally:
-        await probe.stop()
 
 
 @types.coroutine
@@ -135,7 +94,16 @@ async def eager_wait_first(self, *coros, timeout=None):
     return await _wait_first(self, *coros, timeout=timeout)
 
 
-def install(fetch_wait_ms: int) -> None:
+_installed = False
+
+
+def install(fetch_wait_ms: int, producer_options: dict | None = None, consumer_options: dict | None = None) -> None:
+    """Install the patches (once per process: the first worker's settings are the process's)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+
     def create_worker_consumer(self, transport):
         consumer = _create_worker_consumer(self, transport)
         consumer._fetch_max_wait_ms = fetch_wait_ms  # read by the fetcher, created on start()
@@ -160,9 +128,7 @@ def install(fetch_wait_ms: int) -> None:
     # The consumer has no such hook (`_create_worker_consumer` / `_create_client_consumer` call
     # `aiokafka.AIOKafkaConsumer(...)` with fixed kwargs), so the driver module's `aiokafka` is given
     # a stand-in whose AIOKafkaConsumer adds the options; every other name is the real module's.
-    from app.settings import settings
-
-    producer_options, consumer_options = dict(settings.producer_options), dict(settings.consumer_options)
+    producer_options, consumer_options = dict(producer_options or {}), dict(consumer_options or {})
     if producer_options:
         settings_extra = faust_aiokafka.Producer._settings_extra
 

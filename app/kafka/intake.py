@@ -35,6 +35,8 @@ from faust.transport import consumer as faust_consumer
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
+from app.kafka.probes import LogProbe
+
 log = logging.getLogger(__name__)
 
 _sinks: dict[str, "RecordSink"] = {}  # topic name -> the sink of the agent that reads it
@@ -233,53 +235,6 @@ class Batch:
                 c._n_acked += len(new)
             c._unacked_messages.discard(self)
             notify(c._waiting_for_ack)
-
-
-class LogProbe:
-    """Reads where the log itself has its next record, with a consumer of its own (no group)."""
-
-    def __init__(self, bootstrap: str, group: str) -> None:
-        self.bootstrap, self.group = bootstrap, group
-        self._consumer = None
-        self._group_reader = None
-
-    async def committed(self, tp) -> int | None:
-        """The group's committed offset of `tp`, from the broker (without joining the group)."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from app import security
-
-        if self._group_reader is None:
-            self._group_reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group,
-                                                  enable_auto_commit=False, **security.client_kwargs())
-            await self._group_reader.start()
-        return await self._group_reader.committed(TopicPartition(tp.topic, tp.partition))
-
-    async def first_offset(self, tp, offset: int) -> int | None:
-        """The offset of the first record at or after `offset` in the log; None if none came within 2 s."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from app import security
-
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                              fetch_max_wait_ms=100, **security.client_kwargs())
-            await self._consumer.start()
-        probe, target = self._consumer, TopicPartition(tp.topic, tp.partition)
-        probe.assign([target])
-        probe.seek(target, offset)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            got = await probe.getmany(target, timeout_ms=300, max_records=1)
-            if got.get(target):
-                return got[target][0].offset
-        return None
-
-    async def stop(self) -> None:
-        for client in (self._consumer, self._group_reader):
-            if client is not None:
-                await client.stop()
-        self._consumer = self._group_reader = None
 
 
 class OffsetGuard:

@@ -1,6 +1,6 @@
 """Faust table declarations and the one way agents write to them.
 
-Values are JSON bytes (raw serializer; `app.codec.encode`): compact, fast, and readable by any tool
+Values are JSON bytes (raw serializer; `app.pipeline.codec.encode`): compact, fast, and readable by any tool
 that reads the changelog. `GatedTable` keeps the changelog delivery futures of its writes so the commit gate can
 await them before acking the source events: a state update that never reached the changelog would
 otherwise be lost on the next recovery while its source offset is already committed.
@@ -23,23 +23,29 @@ import orjson
 import rocksdict
 from faust.types import TP
 
-from app.codec import encode
 from app.errors import is_transient
-from app.gate import RetryPolicy, exception_of, send_partition, settle
-
+from app.kafka.producer import BatchProducer, exception_of, settle
+from app.pipeline.codec import encode
+from app.retry import RetryPolicy
 
 # Decoded records kept per table (about 1-2 KB each): the working set of active keys.
 RECENT_MAX = 200_000
 
 
 class GatedTable(faust.Table):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, changelog_prefix: str, **kwargs) -> None:
+        self.changelog_prefix = changelog_prefix  # before Faust names the changelog topic
         super().__init__(*args, **kwargs)
         # changelog record batches not yet confirmed: (delivery future, topic-partition, keys)
         self.unconfirmed: list[tuple[asyncio.Future, TP, list[bytes]]] = []
         # key -> (consumer generation, record) of what put_many wrote: see read_many
         self.recent: dict[str, tuple[object, dict]] = {}
         self.recent_max = RECENT_MAX
+        self.producer: BatchProducer | None = None  # handed in by `declare`
+
+    def _changelog_topic_name(self) -> str:
+        # Faust's name is <app id>-<table>-changelog; INTERNAL_TOPIC_PREFIX may name it otherwise
+        return f"{self.changelog_prefix}-{self.name}-changelog"
 
     def read(self, key: str) -> dict | None:
         raw = self.get(key)
@@ -95,7 +101,7 @@ class GatedTable(faust.Table):
         for partition, entries in by_partition.items():
             tp = TP(topic, partition)
             self.unconfirmed += [(fut, tp, keys) for fut, keys in
-                                 await send_partition(self.app.producer, topic, partition, entries)]
+                                 await self.producer.send_partition(topic, partition, entries)]
 
     async def confirm(self, policy: RetryPolicy, rewrite) -> None:
         """Await the changelog deliveries; on failure rewrite the keys (the value is the whole state).
@@ -104,8 +110,12 @@ class GatedTable(faust.Table):
         partition (where recovery resumes) is stored once its records are delivered, as Faust
         does per delivery.
         """
-        attempt = 0
-        while self.unconfirmed:
+        failed: list[str] = []
+        async for _ in policy.attempts(forever=True):
+            if failed:
+                result = rewrite(failed)
+                if inspect.isawaitable(result):
+                    await result
             pending, self.unconfirmed = self.unconfirmed, []
             await settle([fut for fut, _, _ in pending])
             failed, delivered = [], {}
@@ -120,17 +130,14 @@ class GatedTable(faust.Table):
                 delivered[tp] = max(last, delivered.get(tp, -1))
             for tp, offset in delivered.items():
                 self.data.set_persisted_offset(tp, offset)
-            if failed:
-                attempt += 1
-                await asyncio.sleep(policy.backoff_s(min(attempt, 8)))
-                result = rewrite(failed)
-                if inspect.isawaitable(result):
-                    await result
+            if not failed and not self.unconfirmed:
+                return
 
 
-def declare(app: faust.App, name: str, help: str) -> GatedTable:
+def declare(app: faust.App, name: str, help: str, producer: BatchProducer, changelog_prefix: str) -> GatedTable:
     table = GatedTable(
         app,
+        changelog_prefix=changelog_prefix,
         name=name,
         default=None,
         key_type=bytes,  # bytes selects Faust's raw serializer; str keys are encoded as UTF-8
@@ -139,4 +146,22 @@ def declare(app: faust.App, name: str, help: str) -> GatedTable:
         beacon=app.tables.beacon,
         help=help,
     )
+    table.producer = producer
     return app.tables.add(table)
+
+
+def key_counts(table, partitions: list[int], exact_up_to: int) -> dict:
+    """Keys of `table` per partition in the local store: exact (a scan) while RocksDB estimates at
+    most `exact_up_to` keys in all, else its estimate (a scan of 200k keys stalled the event loop
+    ~0.2 s)."""
+    store = table.data
+    try:
+        dbs = {p: store._dbs[p] for p in partitions if p in store._dbs}  # rocksdb store: one DB per partition
+    except AttributeError:  # another store: no per-partition view
+        return {"keys": len(table), "keys_exact": True, "keys_by_partition": {}}
+    estimates = {p: db.property_int_value("rocksdb.estimate-num-keys") or 0 for p, db in dbs.items()}
+    exact = sum(estimates.values()) <= exact_up_to
+    per_partition = {p: (sum(1 for _ in store._visible_keys(dbs[p])) if exact else estimates[p]) if p in dbs else 0
+                     for p in partitions}
+    return {"keys": sum(per_partition.values()), "keys_exact": exact,
+            "keys_by_partition": {str(p): n for p, n in per_partition.items()}}

@@ -1,4 +1,5 @@
-"""The dead-letter contract, built and parsed here only: topic, header names, size policy.
+"""The dead-letter contract, built and parsed here only: header names, size policy (the topic is
+DEAD_LETTER_TOPIC, app/topology.py).
 
 A letter keeps the failed record's key and value bytes and its own headers, and puts the error
 context in headers: the approach of Kafka Connect and Kafka Streams (KIP-1034), with header names of
@@ -19,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-
-TOPIC = "dead_letters"
 
 EXCEPTION = "errors.exception"
 MESSAGE = "errors.message"

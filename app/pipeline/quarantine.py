@@ -1,6 +1,6 @@
 """A crash-loop breaker: a record that killed the worker twice is set aside as a dead letter.
 
-An exception in one record's handling makes that record a dead letter (app/processor.py). A record
+An exception in one record's handling makes that record a dead letter (app/pipeline/processor.py). A record
 that kills the process instead (a native crash in a parser or the model, memory exhausted) would be
 replayed into every worker that takes its partition, and kill each in turn. So before each batch
 the agent notes on local disk which records it is about to handle, and clears the note after:

@@ -1,7 +1,9 @@
-"""Dead-letter statistics per dead_letters partition: pure functions over a bounded record."""
-from __future__ import annotations
+"""Dead-letter statistics per dead_letters partition: pure functions over a bounded record.
 
-from app.deadletters import Letter
+A letter is what `app.pipeline.deadletters.Letter.parse` reads off a dead letter's headers (stage, exception,
+message, source topic, partition, offset, attempts, ts); any object with those attributes will do.
+"""
+from __future__ import annotations
 
 RECENT = 20  # samples kept per partition
 
@@ -10,7 +12,7 @@ def new_stats() -> dict:
     return {"counts": {}, "recent": [], "applied": -1}
 
 
-def apply(stats: dict, offset: int, letter: Letter, value: bytes | None) -> dict:
+def apply(stats: dict, offset: int, letter, value: bytes | None) -> dict:
     """Fold one dead letter in; a replayed offset (at or below `applied`) changes nothing."""
     if offset <= stats["applied"]:
         return stats

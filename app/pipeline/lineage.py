@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from app.deadletters import REPLAY_COUNT, REPLAY_OF, parse_lineage
 from app.errors import Poison
+from app.pipeline.deadletters import REPLAY_COUNT, REPLAY_OF, parse_lineage
 
 ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET = ORIGIN = ("origin.topic", "origin.partition", "origin.offset")
 HOP_SUFFIX = "/hop"

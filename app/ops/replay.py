@@ -3,10 +3,10 @@
 - Only into the pipelines' input topics: a letter names its source topic in a header anyone can
   write, and a changelog or an output topic must never receive a producer's bytes.
 - Each letter at most once: a replayed letter's coordinates are written to a compacted topic
-  (`<dead_letters>.replayed`) after its record is acknowledged, and the next run skips it unless
+  (`<DEAD_LETTER_TOPIC>.replayed`) after its record is acknowledged, and the next run skips it unless
   `--again`. A crash between the two replays it again; the worker still applies it once, since a
   replayed record carries the identity of the event (`replay.of`, the coordinates of its first
-  record) and each key remembers the replays it applied (app/lineage.py).
+  record) and each key remembers the replays it applied (app/pipeline/lineage.py).
 - A record that failed again after a replay has several letters: only the newest of each event
   counts, and it is skipped once the event was replayed `--max-replays` times.
 - The scan reads each partition up to the end it had when the run started, then stops.
@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from app import deadletters
-from app.deadletters import Letter
-
-REPLAYED_SUFFIX = ".replayed"
+from app.pipeline import deadletters
+from app.pipeline.deadletters import Letter
+from app.topology import REPLAYED_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,13 @@ class Outcome:
                 f"superseded by a newer letter, {self.other} not chosen")
 
 
-def letter_id(partition: int, offset: int) -> bytes:
-    return f"{deadletters.TOPIC}:{partition}:{offset}".encode()
+def letter_id(topic: str, partition: int, offset: int) -> bytes:
+    return f"{topic}:{partition}:{offset}".encode()
 
 
-def choose(letters: list[tuple[int, int, object]], done: set[bytes], inputs: set[str], choice: Choice,
+def choose(topic: str, letters: list[tuple[int, int, object]], done: set[bytes], inputs: set[str], choice: Choice,
            outcome: Outcome) -> list[tuple[bytes, Letter, object]]:
-    """The letters to replay, from (partition, offset, record) of every letter read; pure."""
+    """The letters to replay, from (partition, offset, record) of every letter read on `topic`; pure."""
     newest: dict[str, tuple[bytes, Letter, object]] = {}
     for partition, offset, record in letters:
         letter = Letter.parse(record.headers)
@@ -80,7 +79,7 @@ def choose(letters: list[tuple[int, int, object]], done: set[bytes], inputs: set
             outcome.superseded += 1
             if held[1].replay_count > letter.replay_count:
                 continue
-        newest[letter.lineage] = (letter_id(partition, offset), letter, record)
+        newest[letter.lineage] = (letter_id(topic, partition, offset), letter, record)
     chosen = []
     for ident, letter, record in newest.values():
         if not choice.wants(letter):
@@ -110,7 +109,7 @@ async def read_to_ends(topic: str, kw: dict) -> list[tuple[int, int, object]]:
     """Every record of `topic` up to the end each partition had when this was called."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from app.faust_patches import read_true_ends
+    from app.kafka.probes import read_true_ends
 
     # a consumer of its own per topic: one without a group keeps metadata of what it was assigned only
     consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **kw)
@@ -160,7 +159,8 @@ async def _ensure_compacted(topic: str, kw: dict) -> None:
         await admin.close()
 
 
-async def replay(bootstrap: str, inputs: set[str], choice: Choice, dry_run: bool) -> Outcome:
+async def replay(bootstrap: str, dead_letters: str, inputs: set[str], choice: Choice, dry_run: bool) -> Outcome:
+    """Replay the chosen letters of the topic `dead_letters` into the topics `inputs`."""
     from aiokafka import AIOKafkaProducer
 
     from app import security
@@ -168,11 +168,11 @@ async def replay(bootstrap: str, inputs: set[str], choice: Choice, dry_run: bool
 
     records.install()  # a letter keeps its record's headers, and their names may not be UTF-8
     kw = {"bootstrap_servers": bootstrap, **security.client_kwargs()}
-    replayed_topic = deadletters.TOPIC + REPLAYED_SUFFIX
+    replayed_topic = dead_letters + REPLAYED_SUFFIX
     await _ensure_compacted(replayed_topic, kw)
     done = {r.key for _, _, r in await read_to_ends(replayed_topic, kw) if r.key is not None and r.value is not None}
     outcome = Outcome()
-    chosen = choose(await read_to_ends(deadletters.TOPIC, kw), done, inputs, choice, outcome)
+    chosen = choose(dead_letters, await read_to_ends(dead_letters, kw), done, inputs, choice, outcome)
     if dry_run or not chosen:
         return outcome
     producer = AIOKafkaProducer(**kw)

@@ -1,5 +1,9 @@
 """Fault injection for failure tests and drills, off unless FAULT_FILE is set.
 
+The wiring (app/main.py) hands a `Faults` to the parts that have a seam for it: the batch producer
+(app/kafka/producer.py: publish), the processor and its scoring (score, score_poison, crash);
+`wrap_faust_send` covers Faust's own `producer.send` (the stock-Faust control app of the tests).
+
 The file holds one rule per line and is re-read when it changes, so a test (or an operator running a
 drill) can switch a failure on and off while the worker runs:
     publish:<topic>          every send to <topic> fails (as a broker that refuses it would)
@@ -61,32 +65,18 @@ class Faults:
         rules = self.rules
         return next((e for e in event_ids if f"score_poison:{e}" in rules), None)
 
+    def wrap_faust_send(self, app) -> None:
+        """Faust's producer.send fails for a refused topic as a broker error would (its future)."""
+        producer = app.producer
+        send = producer.send
 
-def install_publish_faults(app, faults: Faults) -> None:
-    """Wrap the Faust producer so injected failures surface exactly like broker errors do."""
-    if not faults.path:
-        return
-    producer = app.producer
-    send = producer.send
+        async def faulty_send(topic, key, value, partition, timestamp, headers, **kw):
+            try:
+                self.check_publish(topic)
+            except KafkaTimeoutError as exc:
+                fut = app.loop.create_future()
+                fut.set_exception(exc)
+                return fut
+            return await send(topic, key, value, partition, timestamp, headers, **kw)
 
-    async def faulty_send(topic, key, value, partition, timestamp, headers, **kw):
-        try:
-            faults.check_publish(topic)
-        except KafkaTimeoutError as exc:
-            fut = app.loop.create_future()
-            fut.set_exception(exc)
-            return fut
-        return await send(topic, key, value, partition, timestamp, headers, **kw)
-
-    producer.send = faulty_send
-
-    # The commit gate hands whole record batches to the producer (app.gate.submit_batch).
-    from app import gate
-
-    submit = gate.submit_batch
-
-    async def faulty_submit(producer, topic, partition, batch):
-        faults.check_publish(topic)  # raises like a producer that refuses the batch
-        return await submit(producer, topic, partition, batch)
-
-    gate.submit_batch = faulty_submit
+        producer.send = faulty_send

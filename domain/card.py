@@ -8,7 +8,7 @@ survives the orjson round trip through the table unchanged.
 
 Time is the transaction's own timestamp (epoch ms), never the wall clock. Transactions of one card
 are folded in arrival order. A transaction older than the latest one seen ("late") still counts,
-but its time is clamped to the latest seen (the policy of `tables.session`): clocks never run
+but its time is clamped to the latest seen (the policy of `domain.session`): clocks never run
 backwards, every age and delta is >= 0, a late transaction lands in the newest slot of every window,
 and replaying the same input in the same order gives the same features.
 

@@ -1,0 +1,1 @@
+"""Developer tools: the embedded broker, the worker launcher, event generators, fault injection."""

@@ -1,0 +1,1 @@
+"""Models: loading and scoring (scorer), the versions on disk (registry)."""

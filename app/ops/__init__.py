@@ -1,0 +1,1 @@
+"""Operator tools: dead-letter replay, the model commands, the effective configuration."""

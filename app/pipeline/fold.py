@@ -1,0 +1,121 @@
+"""One key's events folded onto its state record: the idempotent part of the pipeline, pure.
+
+A key's record is `{"state": ..., "applied": {stream: last offset}, "replayed": [lineage, ...]}`:
+the pipeline's own state (`domain/`) and what is needed to recognise an event already in it
+(`app/pipeline/lineage.py`: per stream of records the last offset applied; replays of dead letters by their
+lineage, the last REPLAYED_MAX of them). An event found in the record is a duplicate: its output was
+delivered before, and it changes nothing.
+"""
+from __future__ import annotations
+
+from app.pipelines import Pipeline
+
+# Replayed events applied per key, remembered by lineage so that a second replay of the same dead
+# letter changes nothing; the oldest is forgotten first (bounded state).
+REPLAYED_MAX = 32
+
+
+class Item:
+    """One source record on its way through the batch."""
+
+    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state",
+                 "score", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded", "outgoing")
+
+    def __init__(self, record) -> None:
+        self.record = record
+        self.origin = (record.topic, record.partition, record.offset)  # until its headers are read
+        self.stream = None
+        self.replay = None
+        self.value = None
+        self.key = None
+        self.features = None
+        self.state = None  # the key's state after this event, once applied
+        self.score = None
+        self.reasons = None
+        self.stage = None
+        self.error = None
+        self.attempts = 1
+        self.duplicate = False  # already in the state: its output was delivered before
+        self.output = None
+        self.encoded = None
+        self.outgoing = None  # the output record to publish
+
+    def fail(self, stage: str, error: BaseException, attempts: int = 1) -> None:
+        self.stage, self.error, self.attempts = stage, error, attempts
+
+    @property
+    def ok(self) -> bool:
+        return self.stage is None and not self.duplicate
+
+    def reset(self) -> None:
+        """Before the key is folded again: what the last fold gave it is forgotten."""
+        self.features = self.state = self.score = self.reasons = self.outgoing = None
+        self.duplicate = False
+
+
+def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[dict, list]:
+    """Apply one key's events in order to its state record; each applied item gets its features and
+    its `state` after it. Items that failed already are left out; an item found in the record (a
+    replay) is marked a duplicate. Returns the `applied` map and `replayed` list after the last one.
+    The one fold of the pipeline: a key is folded again, from the same record, when one of its events
+    fails later (scoring, output)."""
+    if record is None:
+        state, applied, replayed = pipeline.new_state(), {}, []
+    else:  # copied once per key: the record itself is shared with readers
+        state, applied, replayed = record["state"], dict(record["applied"]), list(record.get("replayed", ()))
+    apply, features = pipeline.apply, pipeline.features
+    for it in items:
+        if it.stage is not None:
+            continue
+        replay = it.replay
+        if replay is not None and replay[0] in replayed or replay is None and applied.get(it.stream, -1) >= it.origin[2]:
+            it.duplicate = True
+            continue
+        try:
+            new = apply(state, it.value)
+            it.features = features(new, it.value)
+        except Exception as exc:
+            it.fail("features", exc)
+            continue
+        state = it.state = new
+        if replay is None:
+            applied[it.stream] = it.origin[2]
+        else:
+            replayed.append(replay[0])
+            if len(replayed) > REPLAYED_MAX:
+                del replayed[0]
+    return applied, replayed
+
+
+def record_of(state: dict, applied: dict, replayed: list) -> dict:
+    return {"state": state, "applied": applied, "replayed": replayed} if replayed else \
+        {"state": state, "applied": applied}
+
+
+def last_state(pipeline: Pipeline, before: dict | None, its: list[Item], folded: tuple[dict, list]) -> dict | None:
+    """The record to write for one key: after its last delivered event; else, if any event was a
+    replay, the record as it was (rewritten: the local store may hold a write whose changelog
+    delivery a crash interrupted); else nothing."""
+    applied = [it for it in its if it.state is not None]
+    if not applied:
+        return before if any(it.duplicate for it in its) else None
+    if all(it.ok for it in applied):  # the common case: every event folded was delivered
+        return record_of(applied[-1].state, *folded)
+    # some failed after the fold (their outputs were not delivered): the delivered ones are a prefix
+    delivered = [it for it in applied if it.ok]
+    if not delivered:
+        return before if any(it.duplicate for it in its) else None
+    return record_of(delivered[-1].state, *fold(pipeline, before, [it for it in its if it.ok or it.duplicate]))
+
+
+def fail_after_undelivered(by_key: dict[str, list[Item]]) -> None:
+    """An event whose output was not delivered stays out of the state, so the later events of its
+    key, featurised on a state that holds it, go with it: dead letters too, replayed after it."""
+    for its in by_key.values():
+        first = next((it for it in its if it.stage == "publish"), None)
+        if first is None:
+            continue
+        for it in its[its.index(first) + 1:]:
+            if it.ok:
+                it.fail("publish", RuntimeError(
+                    f"an earlier event of this key was not delivered: {first.error!r:.200}"), first.attempts)

@@ -1,0 +1,273 @@
+"""One micro-batch of raw records through decode, routing, state, features, score, publish, commit.
+
+The order of effects is what makes a crash harmless (`Processor.handle`, steps 1-3):
+  1. outputs (scores, forwards, dead letters) are published and their delivery awaited;
+  2. only then is the new state written to the table (and its changelog delivery awaited);
+  3. only then are the source events acked, so Faust may commit their offsets.
+A crash before 2 replays the events against the old state: same features, duplicate outputs.
+A crash between 2 and 3 replays events whose state is already written: the per-key record of the
+last applied offset of each stream (`applied`; a replayed dead letter by its lineage, see
+app/pipeline/lineage.py) recognises them and they are skipped, their outputs having been delivered in step 1.
+So state is never double-counted and no event goes without an output.
+
+An event contributes to state only if its output was delivered; a dead-lettered event does not,
+so replaying its dead letter later applies it exactly once.
+
+A replayed event found in the state rewrites its key's record to the changelog. The local store may
+hold a write whose changelog delivery never completed (a crash between 2 and its confirmation):
+without the rewrite, the skipped event would be committed while the changelog, which recovery and
+every other worker trust, never learns of it.
+
+State is written behind (`app.pipeline.writer`): steps 2 and 3 happen for several batches at once,
+and outputs never wait for them.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from app import metrics
+from app.errors import Poison
+from app.kafka.producer import BatchProducer, Record, key_hash
+from app.pipeline import deadletters, lineage
+from app.pipeline.codec import decode, encode
+from app.pipeline.fold import Item, fail_after_undelivered, fold, last_state
+from app.pipeline.publish import publish, publish_until_acknowledged
+from app.pipeline.quarantine import PoisonPill
+from app.pipeline.scoring import Scoring
+from app.pipeline.writer import StateWriter
+from app.pipelines import Pipeline
+from app.retry import RetryPolicy
+
+ROUTES_MAX = 1 << 17  # cached key routes (bytes, partition); cleared when full
+
+
+class Processor:
+    def __init__(self, pipeline: Pipeline, *, producer: BatchProducer, writer: StateWriter, model,
+                 policy: RetryPolicy, partitions: int, dead_letter_topic: str, max_event_bytes: int,
+                 dead_letter_max_bytes: int, faults=None) -> None:
+        self.pipeline = pipeline
+        self.producer = producer
+        self.writer = writer
+        self.model = model  # app.models: `.predict`, `.contributions`, `.version`
+        self.policy = policy
+        self.partitions = partitions
+        self.dead_letter_topic = dead_letter_topic
+        self.max_event_bytes = max_event_bytes
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.faults = faults  # app.dev.faults.Faults: crash:<event id> (and the scoring's rules)
+        self.m = metrics.for_pipeline(pipeline.name)
+        self.scoring = Scoring(pipeline, policy, self.m, faults)
+        self.on_scored = None  # set by the web view: fed the scored items of each batch
+        self._routes: dict[str, tuple[bytes, int]] = {}
+
+    def partition_of(self, key: bytes) -> int:
+        """The key's partition: Kafka's default partitioner, as the producer uses for the repartition hop."""
+        return key_hash(key) % self.partitions
+
+    def read(self, key: str) -> dict | None:
+        """The newest state record of `key`."""
+        return self.writer.read(key)
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    async def handle(self, batch, set_aside: int | None = None) -> None:
+        """Process an `app.kafka.intake.Batch`. It is acked once its state is written and confirmed,
+        which may be after this returns (`writer.drain()` writes and waits for that).
+
+        `set_aside`: the batch's one record killed the worker that many times (app/pipeline/quarantine.py);
+        it becomes a dead letter without being read."""
+        await self.writer.before(batch.generation)
+        model = self.model  # one model scores the whole batch
+        items = [Item(r) for r in batch.records]
+        if set_aside is not None:
+            for it in items:
+                it.fail("quarantine", PoisonPill(f"the worker died {set_aside} times while handling this record"),
+                        attempts=set_aside)
+        by_key, forward = self._admit([it for it in items if it.stage is None])
+        before = self.writer.read_many(self._keys_by_partition(by_key), batch.generation)
+        folded = {key: fold(self.pipeline, before[key], its) for key, its in by_key.items()}
+        now_ms = int(time.time() * 1000)
+        await self._score_all(by_key, before, folded, model, now_ms)
+
+        # 1. outputs: scores and repartition hops, retried in place; then the dead letters of
+        #    everything that failed, which wait out an outage (there is nowhere further to put them)
+        local = [it for its in by_key.values() for it in its]
+        records = [it.outgoing for it in local if it.ok] + [self._forward(it) for it in forward]
+        failed = await publish(self.producer, records, self.policy,
+                               on_retry=lambda rs: self.m.retries.labels("publish").inc(len(rs)))
+        for r in failed:
+            r.owner.fail("publish", r.error, attempts=r.attempts)
+        if failed:
+            fail_after_undelivered(by_key)
+        letters = [self._dead_letter(it, now_ms) for it in items if it.stage is not None]
+        await publish_until_acknowledged(self.producer, letters, self.policy,
+                                         on_retry=lambda rs: self.m.retries.labels("dead_letter").inc(len(rs)),
+                                         shrink=_shrink_letter)
+        self._count(items, local, forward, now_ms)
+
+        # 2. state: each key's record after its last delivered event (or, if its events were all
+        #    replays, as it was: rewritten) joins the unwritten state, written behind by the writer;
+        # 3. offsets: the writer acks the batch once that write is confirmed
+        rows = {}
+        for key, its in by_key.items():
+            new = last_state(self.pipeline, before[key], its, folded[key])
+            if new is not None:
+                rows[key] = (its[-1].record.partition, new)
+        await self.writer.add(rows, batch, len(items))
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _admit(self, items: list[Item]) -> tuple[dict[str, list[Item]], list[Item]]:
+        """Read each record's identity, decode and validate it; group the valid items by state key
+        (arrival order within a key), or set them aside for the repartition hop when they are not
+        keyed by the state key or not on its partition. Whatever one record raises, of any class
+        (msgspec raises RecursionError on deep nesting), makes that record a dead letter."""
+        p = self.pipeline
+        hop, schema, max_bytes, check, key_field, source = (p.repartition_topic, p.schema, self.max_event_bytes,
+                                                            p.check, p.key_field, p.source_topic)
+        crash = self.faults.crash_ids() if self.faults is not None else None
+        by_key: dict[str, list[Item]] = {}
+        forward = []
+        for it in items:
+            msg = it.record
+            stage = "headers"
+            try:
+                if msg.topic == hop or msg.headers:
+                    it.origin = lineage.origin_of(msg, source, hop)
+                    it.replay = lineage.replay_of(msg, source)
+                it.stream = lineage.stream_of(msg, hop, it.origin)
+                stage = "decode"
+                it.value = value = decode(msg.value, schema, max_bytes, check)
+                if crash and value[p.id_field] in crash:
+                    self.faults.crash(value[p.id_field])
+                it.key = key = value[key_field]
+                raw, partition = self._route(key)
+            except Poison as exc:
+                it.fail(exc.stage, exc)
+                continue
+            except Exception as exc:
+                it.fail(stage, exc)
+                continue
+            if msg.topic != hop and (msg.key != raw or msg.partition != partition):
+                forward.append(it)
+            elif key in by_key:
+                by_key[key].append(it)
+            else:
+                by_key[key] = [it]
+        return by_key, forward
+
+    @staticmethod
+    def _keys_by_partition(by_key: dict[str, list[Item]]) -> dict[int, list[str]]:
+        """All events of a key are on the key's partition (those that were not took the hop)."""
+        keys_of: dict[int, list[str]] = defaultdict(list)
+        for key, its in by_key.items():
+            keys_of[its[-1].record.partition].append(key)
+        return keys_of
+
+    async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], folded: dict,
+                         model, now_ms: int) -> None:
+        """Score every folded event and build its output. An event that fails here leaves the state,
+        so its key is folded again without it and the key's later events are scored again: no event
+        is featurised on state that holds a dead letter."""
+        todo = [it for its in by_key.values() for it in its if it.ok]
+        while todo:
+            await self.scoring(todo, model)
+            for it in todo:
+                if it.ok:
+                    it.outgoing = self._output(it, model, now_ms)
+            failed = {it.key for it in todo if it.stage in ("score", "output")}
+            refold = [key for key in failed if any(it.ok for it in by_key[key])]
+            todo = []
+            for key in refold:
+                its = by_key[key]
+                for it in its:
+                    it.reset()
+                folded[key] = fold(self.pipeline, before[key], its)
+                todo += [it for it in its if it.ok]
+
+    def _output(self, item: Item, model, now_ms: int) -> Record | None:
+        p, v = self.pipeline, item.value
+        try:
+            body = {
+                p.id_field: v[p.id_field],
+                p.key_field: item.key,
+                "score": item.score,
+                "model_version": model.version,
+                "event_ts": v["ts"],
+                "scored_at": now_ms,
+                **p.output(v, item.state, item.score, item.reasons),
+                "features": item.features,
+            }
+            encoded = encode(body)
+        except Exception as exc:
+            item.fail("output", exc)
+            return None
+        item.output, item.encoded = body, encoded
+        return Record(p.output_topic, self._route(item.key)[0], encoded, owner=item)
+
+    def _forward(self, item: Item) -> Record:
+        """The record, untouched, to the key's partition of the repartition topic, with the
+        coordinates of the record the producer wrote (any copy of those headers it carried is dropped)."""
+        msg = item.record
+        headers = [(deadletters.sendable_name(k), v) for k, v in (msg.headers or ()) if k not in lineage.ORIGIN]
+        return Record(self.pipeline.repartition_topic, self._route(item.key)[0], msg.value,
+                      headers + lineage.origin_headers(item.origin), owner=item)
+
+    def _dead_letter(self, item: Item, now_ms: int) -> Record:
+        msg = item.record
+        topic, partition, offset = item.origin
+        key, value, headers = deadletters.build(
+            key=msg.key, value=msg.value, input_headers=msg.headers, stage=item.stage, error=item.error,
+            topic=topic, partition=partition, offset=offset, attempts=item.attempts, now_ms=now_ms,
+            replay=item.replay, max_bytes=self.dead_letter_max_bytes)
+        return Record(self.dead_letter_topic, key, value, headers, owner=item)
+
+    def _route(self, key: str) -> tuple[bytes, int]:
+        """The state key's bytes and partition, cached: the same keys recur all the time."""
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= ROUTES_MAX:
+                self._routes.clear()
+            raw = key.encode()
+            route = self._routes[key] = (raw, self.partition_of(raw))
+        return route
+
+    def _count(self, items: list[Item], local: list[Item], forward: list[Item], now_ms: int) -> None:
+        m = self.m
+        # records the producers wrote: a record that took the hop was counted when it came in
+        hop = self.pipeline.repartition_topic
+        m.events_in.inc(sum(it.record.topic != hop for it in items))
+        scored = [it for it in local if it.ok]  # by key
+        failed = Counter(it.stage for it in items if it.stage is not None)
+        # histograms and counters once per batch, not per event
+        if scored:
+            ts = np.fromiter((it.value["ts"] for it in scored), dtype=np.float64, count=len(scored))
+            metrics.observe_many(m.latency, np.maximum(0.0, (now_ms - ts) / 1000.0))
+            metrics.observe_many(m.scores, np.fromiter((it.score for it in scored), dtype=np.float64,
+                                                       count=len(scored)))
+            if "decision" in scored[0].output:
+                for decision, n in Counter(it.output["decision"] for it in scored).items():
+                    m.decisions.labels(decision).inc(n)
+        for stage, n in failed.items():
+            m.dead_letters.labels(stage).inc(n)
+        duplicates = sum(it.duplicate for it in local)
+        if duplicates:
+            m.duplicates.inc(duplicates)
+        if forward:
+            m.repartitioned.inc(len(forward))
+        m.scored.inc(len(scored))
+        m.batch_size.observe(len(items))
+        if self.on_scored is not None and scored:
+            self.on_scored(scored)
+
+
+def _shrink_letter(record: Record) -> bool:
+    """The broker refused a letter for good (too large): send it again as headers only."""
+    smaller = deadletters.shrink(record.key, record.value, record.headers)
+    if smaller is None:
+        return False
+    record.key, record.value, record.headers = smaller
+    return True

@@ -1,0 +1,73 @@
+"""The commit gate: an event counts as done only when everything it produced is acknowledged.
+
+Faust commits the offsets of acked events on an interval, and a failed delivery is only logged. So
+the agents never let Faust ack an event early: they publish the event's outputs (score, forward or
+dead letter), await the delivery futures, retry what failed in place (`app.retry`), and only then
+ack. Faust commits the highest *contiguous* acked offset, so an event stuck here holds back the
+commit of its partition: it is retried, never skipped.
+"""
+from __future__ import annotations
+
+import logging
+
+from app.errors import is_transient
+from app.kafka.producer import BatchProducer, Record, exception_of, settle
+from app.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+async def send_round(producer: BatchProducer, records: list[Record]) -> list[Record]:
+    """Send once and await every delivery; the records that failed, each with its `error`."""
+    sent = await producer.send(records)
+    await settle([fut for fut, _ in sent])
+    failed = []
+    for fut, members in sent:
+        exc = exception_of(fut)
+        if exc is not None:
+            for r in members:
+                r.error = exc
+                failed.append(r)
+    return failed
+
+
+async def publish(producer: BatchProducer, records: list[Record], policy: RetryPolicy, on_retry=None) -> list[Record]:
+    """Publish and await delivery; return the records still failing once the budget is spent.
+
+    An error that retrying cannot fix (a record too large, an invalid topic) is not retried."""
+    pending, given_up = records, []
+    async for _ in policy.attempts():
+        pending = await send_round(producer, pending)
+        given_up += [r for r in pending if not is_transient(r.error)]
+        pending = [r for r in pending if is_transient(r.error)]
+        if not pending:
+            break
+        if on_retry is not None:
+            on_retry(pending)
+    return given_up + pending
+
+
+class Unpublishable(Exception):
+    """A dead letter the broker refuses for good, even cut to its headers: the process cannot go on."""
+
+
+async def publish_until_acknowledged(producer: BatchProducer, records: list[Record], policy: RetryPolicy,
+                                     on_retry=None, shrink=None) -> None:
+    """For dead letters: there is nowhere further to put them, so wait out a transient outage.
+
+    A letter refused for good is handed to `shrink(record)`, which makes it smaller and returns True
+    to have it sent again, or False; then `Unpublishable` is raised, never an endless retry."""
+    if not records:
+        return
+    async for attempt in policy.attempts(forever=True):
+        records = await send_round(producer, records)
+        for r in records:
+            if not is_transient(r.error) and (shrink is None or not shrink(r)):
+                raise Unpublishable(f"dead letter refused for good by the broker: {r.error!r}")
+        if not records:
+            return
+        if on_retry is not None:
+            on_retry(records)
+        if attempt % 10 == 1:
+            log.warning("%d dead letter(s) not acknowledged yet (attempt %d): %r",
+                        len(records), attempt, records[0].error)

@@ -1,0 +1,91 @@
+"""One vectorised predict per batch; the rows a model rejects found and failed one by one.
+
+A transient failure (a dependency briefly away) is retried in place (`app.retry`); any other
+exception of the batch call means some row is poison: each row is then scored alone, and the rows
+that still raise, or whose score is not a probability, fail at stage `score`.
+"""
+from __future__ import annotations
+
+import time
+from itertools import chain
+
+import numpy as np
+
+from app.errors import is_transient
+from app.pipeline.fold import Item
+from app.pipelines import Pipeline
+from app.retry import RetryPolicy
+
+
+class Scoring:
+    def __init__(self, pipeline: Pipeline, policy: RetryPolicy, metrics, faults=None) -> None:
+        self.pipeline = pipeline
+        self.policy = policy
+        self.m = metrics
+        self.faults = faults  # app.dev.faults.Faults: score:<pipeline>, score_poison:<event id>
+
+    async def __call__(self, items: list[Item], model) -> None:
+        """Set `score` (and `reasons`) of every item, or fail it; `model` is an `app.models.Scorer`."""
+        t0 = time.perf_counter()
+        p = self.pipeline
+        width = len(p.feature_names)
+        rows = np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
+                           count=len(items) * width).reshape(len(items), width)
+        async for attempt in self.policy.attempts():
+            try:
+                if self.faults is not None:
+                    self.faults.check_score(p.name)
+                    if self.faults.poisoned([it.value[p.id_field] for it in items]):
+                        raise ValueError("model rejected an input row")
+                scores = model.predict(rows)
+                break
+            except Exception as exc:
+                if not is_transient(exc):
+                    scores = self._each(items, rows, model)
+                    break
+                self.m.retries.labels("score").inc()
+                last = exc
+        else:
+            for it in items:
+                it.fail("score", last, attempts=self.policy.attempts_max)
+            return
+        self.m.score_seconds.observe(time.perf_counter() - t0)
+        contributions = self._contributions(items, rows, model) if p.reasons else None
+        for i, (it, score) in enumerate(zip(items, scores.tolist())):
+            if not it.ok:
+                continue
+            if not 0.0 <= score <= 1.0:  # NaN too
+                it.fail("score", ValueError(f"model returned {score!r}"))
+                continue
+            it.score = score
+            if contributions is not None:
+                it.reasons = self._reasons(contributions[i])
+
+    def _each(self, items: list[Item], rows: np.ndarray, model) -> np.ndarray:
+        """A batch predict raised: isolate the row(s) that the model rejects."""
+        scores = np.full(len(items), np.nan)
+        for i, it in enumerate(items):
+            try:
+                if self.faults is not None and self.faults.poisoned([it.value[self.pipeline.id_field]]):
+                    raise ValueError("model rejected this input row")
+                scores[i] = model.predict(rows[i:i + 1])[0]
+            except Exception as exc:
+                it.fail("score", exc)
+        return scores
+
+    def _contributions(self, items: list[Item], rows: np.ndarray, model) -> np.ndarray:
+        try:
+            return model.contributions(rows)
+        except Exception:  # a row LightGBM cannot explain: find it, as for the scores
+            out = np.zeros((len(items), rows.shape[1] + 1))
+            for i, it in enumerate(items):
+                try:
+                    out[i] = model.contributions(rows[i:i + 1])[0]
+                except Exception as exc:
+                    it.fail("score", exc)
+            return out
+
+    def _reasons(self, contrib: np.ndarray) -> list[dict]:
+        names = self.pipeline.feature_names
+        top = np.argsort(-contrib[:-1])[: self.pipeline.reasons]
+        return [{"feature": names[j], "contribution": round(float(contrib[j]), 4)} for j in top if contrib[j] > 0]

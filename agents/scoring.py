@@ -24,8 +24,10 @@ def exit_worker(name: str, exc: BaseException) -> None:
     os._exit(70)
 
 
-def register(faust_app, name: str, topic, sink: intake.RecordSink, processor, batch_max: int, data_dir) -> None:
-    """Declare the agent that feeds `topic`'s records (taken from the fetch into `sink`) to `processor`."""
+def register(faust_app, name: str, topic, sink: intake.RecordSink, processor, batch_max: int, data_dir,
+             before_first) -> None:
+    """Declare the agent that feeds `topic`'s records (taken from the fetch into `sink`) to `processor`,
+    once `await before_first()` returned (the models promoted before the start are loaded)."""
     writer = processor.writer
     writer.on_failure = lambda exc: exit_worker(name, exc)
     topics = set(topic.topics)
@@ -34,6 +36,7 @@ def register(faust_app, name: str, topic, sink: intake.RecordSink, processor, ba
 
     async def score(stream):
         try:
+            await before_first()
             async for batch in intake.batches(stream, sink, batch_max, writer=writer):
                 pieces = crashes.pieces(batch.spans)
                 parts = [batch] if len(pieces) == 1 and pieces[0][1] is None else batch.split([p for p, _ in pieces])

@@ -74,10 +74,44 @@ def cmd_train_recorded(args) -> None:
     print(f"version: {result.meta['version']}", flush=True)
 
 
+def _models_context():
+    from app.topology import Topology
+
+    settings = current()
+    topology = Topology.from_settings(settings)
+    return bootstrap_servers(settings.broker_url), topology
+
+
 def cmd_models_list(args) -> None:
     from app.ops import models
 
-    print(models.listing(Path(args.model_dir), args.pipeline, args.json))
+    bootstrap, topology = _models_context()
+    try:
+        found = asyncio.run(asyncio.wait_for(models.promoted(bootstrap, topology.model_control, topology.pipelines), 10))
+        roles = found.get(args.pipeline, {})
+        promoted = {role: p.version for role, p in roles.items()} or {}
+    except Exception as exc:  # no broker here: the list from MODEL_DIR alone
+        log.info("model control topic %s not read: %r", topology.model_control, exc)
+        promoted = None
+    print(models.listing(Path(args.model_dir), args.pipeline, args.json, promoted))
+
+
+def cmd_models_change(args) -> None:
+    """promote, rollback, shadow: published on the control topic, applied by every running worker."""
+    from app.ops import models
+
+    bootstrap, topology = _models_context()
+    pipeline = topology.pipelines[args.pipeline]
+    model_dir = Path(args.model_dir)
+    if args.models_command == "promote":
+        change = models.promote(bootstrap, topology.model_control, model_dir, pipeline, args.version, topology.pipelines)
+    elif args.models_command == "rollback":
+        change = models.rollback(bootstrap, topology.model_control, model_dir, pipeline, topology.pipelines)
+    else:
+        if bool(args.version) == args.off:
+            raise SystemExit("scoring models shadow: give a VERSION, or --off")
+        change = models.shadow(bootstrap, topology.model_control, model_dir, pipeline, None if args.off else args.version)
+    print(asyncio.run(change))
 
 
 # -- generator ----------------------------------------------------------------------------------
@@ -162,6 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", default=str(settings.model_dir))
     p.add_argument("--json", action="store_true", help="metadata of every version as JSON")
     p.set_defaults(func=cmd_models_list)
+    for name, help_ in (("promote", "every running worker of the pipeline switches to VERSION between two batches"),
+                        ("rollback", "back to the version promoted before the current one"),
+                        ("shadow", "VERSION scores every event beside the champion, deciding nothing (--off ends it)")):
+        p = models.add_parser(name, help=help_)
+        p.add_argument("pipeline", choices=["cart", "fraud"])
+        if name == "promote":
+            p.add_argument("version", help="a version under MODEL_DIR/<pipeline>/, or an MLflow URI models:/name@alias")
+        elif name == "shadow":
+            p.add_argument("version", nargs="?", help="a version under MODEL_DIR/<pipeline>/, or models:/name@alias")
+            p.add_argument("--off", action="store_true", help="no challenger any more")
+        p.add_argument("--model-dir", default=str(settings.model_dir))
+        p.set_defaults(func=cmd_models_change)
 
     p = sub.add_parser("generate", help="produce realistic events at a rate")
     p.add_argument("--pipeline", default="cart", choices=["cart", "fraud"])

@@ -5,7 +5,8 @@ module of the service imports this one, and importing any of them builds, loads 
 
     settings ─► topology (topic names) ─► Faust app, its raw topics, the tables
                  │
-                 ├─ per pipeline: model ─► processor (app/pipeline) ◄─ state writer ◄─ table
+                 ├─ per pipeline: live models ─► processor (app/pipeline) ◄─ state writer ◄─ table
+                 │     ▲ promotions from the model control topic (app/models/control.py, live.py)
                  │                            ▲ records from the intake (app/kafka/intake.py)
                  │                            └── agents/scoring.py: one loop per pipeline
                  ├─ dead letters: agents/dead_letters.py ─► stats table
@@ -20,14 +21,16 @@ import faust
 
 from agents import dead_letters, scoring
 from app import gc_policy, logs, metrics, security, web
-from app.kafka import intake, patches, records, store
+from app.kafka import broadcast, intake, patches, records, store
 from app.kafka.producer import BatchProducer
+from app.models.live import LiveModels, ModelControl
+from app.models.quality import ShadowQuality
 from app.models.scorer import ModelMismatch, Scorer
 from app.pipeline.processor import Processor
 from app.pipeline.writer import StateWriter
 from app.pipelines import Pipeline
 from app.retry import RetryPolicy
-from app.settings import Settings
+from app.settings import Settings, bootstrap_servers
 from app.topology import Topology, raw_topic
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,9 @@ class Running:
     sink: intake.RecordSink
     table: store.GatedTable
     writer: StateWriter
-    model: Scorer
+    models: LiveModels
     processor: Processor
+    quality: ShadowQuality  # the champion and a challenger on the same events, as labels come back
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Service:
     producer: BatchProducer
     pipelines: dict[str, Running]
     dead_letters: DeadLetters
+    control: ModelControl
 
 
 def faust_app(settings: Settings) -> faust.App:
@@ -96,14 +101,30 @@ def faust_app(settings: Settings) -> faust.App:
 
 
 def load_model(settings: Settings, pipeline: Pipeline) -> Scorer:
-    """The pipeline's current model; a worker with a missing or mismatched one does not start at all."""
+    """The pipeline's model at start (a promotion on the control topic replaces it once read); a
+    worker with a missing or mismatched one does not start at all."""
     try:
         model = Scorer(settings.model_dir / pipeline.name, pipeline.feature_names)
     except ModelMismatch as exc:
         raise SystemExit(f"cannot start {pipeline.name} pipeline: {exc}") from None
-    metrics.set_model(pipeline.name, model.version)
     log.info("%s model %s loaded (%d features)", pipeline.name, model.version, len(pipeline.feature_names))
     return model
+
+
+def labels_of(bootstrap: str, running: Running):
+    """The task that reads the pipeline's label topic from its end, for the shadow's AUC."""
+    async def follow_labels() -> None:
+        async def nothing(records) -> None:
+            pass
+
+        async def label(record) -> None:
+            running.quality.label(record.value)
+
+        await broadcast.follow(bootstrap, running.pipeline.label_topic, nothing, label, from_beginning=False,
+                               compacted=False)
+
+    follow_labels.__name__ = follow_labels.__qualname__ = f"labels_{running.pipeline.name}"
+    return follow_labels
 
 
 def build(settings: Settings | None = None, *, producer: BatchProducer | None = None) -> Service:
@@ -144,24 +165,34 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
         table = store.declare(app, pipeline.table_name, f"{name} state per {pipeline.key_field}", producer,
                               topology.prefix)
         writer = writer_for(table, name)
-        model = load_model(settings, pipeline)
-        processor = Processor(pipeline, producer=producer, writer=writer, model=model, policy=policy,
+        models = LiveModels(pipeline, load_model(settings, pipeline), settings.data_dir / "models")
+        processor = Processor(pipeline, producer=producer, writer=writer, models=models, policy=policy,
                               partitions=settings.partitions, dead_letter_topic=topology.dead_letters,
                               max_event_bytes=settings.max_event_bytes,
                               dead_letter_max_bytes=settings.dead_letter_max_bytes, faults=faults)
-        running[name] = Running(pipeline, topic, sink_for(topic), table, writer, model, processor)
+        quality = ShadowQuality(pipeline)
+        processor.observers.append(quality.record)
+        running[name] = Running(pipeline, topic, sink_for(topic), table, writer, models, processor, quality)
 
     letters_topic = raw_topic(app, settings.partitions, topology.dead_letters)
     letters_table = store.declare(app, "dead_letter_stats", "dead letters per dead-letter partition", producer,
                                   topology.prefix)
     letters = DeadLetters(letters_topic, sink_for(letters_topic), letters_table,
                           writer_for(letters_table, "dead_letters"))
-    service = Service(app, settings, topology, producer, running, letters)
+    control = ModelControl({name: r.models for name, r in running.items()}, topology.pipelines,
+                           bootstrap_servers(settings.broker_url), topology.model_control)
+    service = Service(app, settings, topology, producer, running, letters, control)
 
     for name, r in running.items():
         metrics.watch_intake(name, r.sink)
-        scoring.register(app, name, r.topic, r.sink, r.processor, settings.batch_max, settings.data_dir)
+        scoring.register(app, name, r.topic, r.sink, r.processor, settings.batch_max, settings.data_dir,
+                         before_first=control.wait_ready)
     dead_letters.register(app, letters.topic, letters.sink, letters.writer, settings.batch_max)
+    # Every worker follows the model control topic, and the labels that come back
+    bootstrap = bootstrap_servers(settings.broker_url)
+    app.task(control.run)
+    for r in running.values():
+        app.task(labels_of(bootstrap, r))
     web.register(service)
     app.on_worker_init.connect(lambda *a, **kw: gc_policy.install())
     return service

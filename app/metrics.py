@@ -63,6 +63,19 @@ INTAKE_BYTES = Gauge("scoring_intake_bytes", "Bytes of the records waiting in th
 # CRC32 (librdkafka's default partitioner) instead of murmur2. Each costs a second trip through the broker.
 REPARTITIONED = Counter("scoring_repartitioned_total", "Records forwarded through the repartition topic",
                         ["pipeline"], registry=registry)
+# A challenger in shadow (app/models/live.py): its version, its scores, how often its decision is the
+# champion's, and the promotions refused (a model whose features are not the code's, or a record that
+# does not parse).
+CHALLENGER = Info("scoring_challenger", "Model scoring in shadow beside the champion", ["pipeline"],
+                  registry=registry)
+SHADOW_SCORES = Histogram("scoring_shadow_score_ratio", "Distribution of the challenger's scores", ["pipeline"],
+                          buckets=tuple(i / 10 for i in range(1, 11)), registry=registry)
+SHADOW_AGREEMENT = Counter("scoring_shadow_decisions_total", "Events by whether the challenger's decision is the "
+                           "champion's", ["pipeline", "agree"], registry=registry)
+MODEL_REFUSED = Counter("scoring_model_refused_total", "Promoted models a worker refused", ["pipeline"],
+                        registry=registry)
+LABELS = Counter("scoring_labels_total", "Labels read back, by whether they matched a recent score",
+                 ["pipeline", "outcome"], registry=registry)
 # One write-behind flush of the state (RocksDB + changelog, until the broker acknowledged it).
 STATE_FLUSH = Histogram("scoring_state_flush_seconds", "Time to write and confirm the unwritten state",
                         ["pipeline"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
@@ -91,6 +104,10 @@ def set_model(pipeline: str, version: str) -> None:
     MODEL.labels(pipeline).info({"version": str(version)})
 
 
+def set_challenger(pipeline: str, version: str | None) -> None:
+    CHALLENGER.labels(pipeline).info({"version": str(version or "")})
+
+
 @dataclass(frozen=True)
 class PipelineMetrics:
     events_in: object
@@ -103,10 +120,9 @@ class PipelineMetrics:
     scores: object
     batch_size: object
     decisions: object
-    intake_records: object = None
-    intake_bytes: object = None
-    state_flush_seconds: object = None
-    repartitioned: object = None
+    repartitioned: object
+    shadow_scores: object
+    shadow_agreement: object
 
 
 def for_pipeline(name: str) -> PipelineMetrics:
@@ -121,10 +137,9 @@ def for_pipeline(name: str) -> PipelineMetrics:
         scores=SCORES.labels(name),
         batch_size=BATCH.labels(name),
         decisions=_Bound(DECISIONS, name),
-        intake_records=INTAKE_RECORDS.labels(name),
-        intake_bytes=INTAKE_BYTES.labels(name),
-        state_flush_seconds=STATE_FLUSH.labels(name),
         repartitioned=REPARTITIONED.labels(name),
+        shadow_scores=SHADOW_SCORES.labels(name),
+        shadow_agreement=_Bound(SHADOW_AGREEMENT, name),
     )
 
 

@@ -23,6 +23,7 @@ class Pipeline:
     source_topic: str
     output_topic: str
     repartition_topic: str  # records not keyed by the state key make one hop through it
+    label_topic: str  # labels that come back later, for the models' AUC on the same events
     table_name: str
     key_field: str
     id_field: str
@@ -36,6 +37,8 @@ class Pipeline:
     output: Callable[[dict, dict, float, list | None], dict]
     # how many top contributions to report per output (0: do not compute them)
     reasons: int = 0
+    # score -> the decision it makes, for a pipeline that decides (fraud: approve / review / decline)
+    decide: Callable[[float], str] | None = None
 
 
 _ID = Field("event_id", str)
@@ -82,9 +85,8 @@ def fraud_decision(score: float, review_at: float, decline_at: float) -> str:
     return "approve"
 
 
-def _fraud_output(review_at: float, decline_at: float, event: dict, state: dict, score: float,
-                  reasons: list | None) -> dict:
-    return {"decision": fraud_decision(score, review_at, decline_at), "reasons": reasons or []}
+def _fraud_output(decide, event: dict, state: dict, score: float, reasons: list | None) -> dict:
+    return {"decision": decide(score), "reasons": reasons or []}
 
 
 def repartition_topic(prefix: str, source_topic: str, key_field: str) -> str:
@@ -94,11 +96,13 @@ def repartition_topic(prefix: str, source_topic: str, key_field: str) -> str:
 def define(settings) -> dict[str, Pipeline]:
     """Every pipeline, by name, as `settings` (app.settings.Settings) configure them."""
     prefix = settings.topic_prefix
+    decide_fraud = partial(fraud_decision, review_at=settings.fraud_review_at, decline_at=settings.fraud_decline_at)
     cart = Pipeline(
         name="cart",
         source_topic=settings.cart_input_topic,
         output_topic=settings.cart_output_topic,
         repartition_topic=repartition_topic(prefix, settings.cart_input_topic, "user_id"),
+        label_topic=settings.cart_label_topic,
         table_name="user_sessions",
         key_field="user_id",
         id_field="event_id",
@@ -115,6 +119,7 @@ def define(settings) -> dict[str, Pipeline]:
         source_topic=settings.fraud_input_topic,
         output_topic=settings.fraud_output_topic,
         repartition_topic=repartition_topic(prefix, settings.fraud_input_topic, "card_id"),
+        label_topic=settings.fraud_label_topic,
         table_name="card_state",
         key_field="card_id",
         id_field="txn_id",
@@ -124,8 +129,9 @@ def define(settings) -> dict[str, Pipeline]:
         apply=card.apply,
         features=card.features,
         feature_names=card.FEATURE_NAMES,
-        output=partial(_fraud_output, settings.fraud_review_at, settings.fraud_decline_at),
+        output=partial(_fraud_output, decide_fraud),
         reasons=3,
+        decide=decide_fraud,
     )
     defined = {cart.name: cart, fraud.name: fraud}
     assert tuple(defined) == PIPELINE_NAMES

@@ -243,6 +243,13 @@ class Settings(BaseSettings):
     fraud_output_topic: str = _var("FRAUD_OUTPUT_TOPIC", "fraud_decisions", pattern=_TOPIC)
     dead_letter_topic: str = _var("DEAD_LETTER_TOPIC", "dead_letters", pattern=_TOPIC)
     internal_topic_prefix: str = _var("INTERNAL_TOPIC_PREFIX", "", pattern=r"^[A-Za-z0-9._-]{0,200}$")
+    # Where `scoring models promote|rollback|shadow` tell every worker which model to score with
+    # (compacted, one partition; app/models/control.py); empty: <INTERNAL_TOPIC_PREFIX>-model-control.
+    model_control_topic: str = _var("MODEL_CONTROL_TOPIC", "", pattern=r"^([A-Za-z0-9._-]{1,249})?$")
+    # Labels that come back later (fraud: chargebacks, reviews), JSON {"<id field>": ..., "label": 0|1}:
+    # matched with the champion's and the challenger's recent scores, for their AUC on the same events.
+    cart_label_topic: str = _var("CART_LABEL_TOPIC", "cart_labels", pattern=_TOPIC)
+    fraud_label_topic: str = _var("FRAUD_LABEL_TOPIC", "fraud_labels", pattern=_TOPIC)
     # Where a consumer group without a committed offset starts reading an input topic.
     auto_offset_reset: Literal["earliest", "latest"] = _var("AUTO_OFFSET_RESET", "earliest")
     # Thresholds of the fraud decision: score >= review -> review, >= decline -> decline.
@@ -337,7 +344,8 @@ class Settings(BaseSettings):
         below("heartbeat_s", "session_timeout_s", self.heartbeat_s, self.session_timeout_s)
         below("retry_base_ms", "retry_max_ms", self.retry_base_ms, self.retry_max_ms, strict=False)
         topics = [(a, getattr(self, a)) for a in ("cart_input_topic", "cart_output_topic", "fraud_input_topic",
-                                                   "fraud_output_topic", "dead_letter_topic") if ok(a)]
+                                                   "fraud_output_topic", "dead_letter_topic", "model_control_topic",
+                                                   "cart_label_topic", "fraud_label_topic") if ok(a) and getattr(self, a)]
         for i, (a, name) in enumerate(topics):
             clash = next((b for b, other in topics[:i] if other == name), None)
             if clash is not None:

@@ -68,17 +68,24 @@ class Traffic(threading.Thread):
             await producer.stop()
 
 
-def test_dashboard_shows_live_data(broker, workers):
+def test_dashboard_shows_live_data(broker, workers, tmp_path):
     if not CHROMIUM.exists():
         pytest.fail("Debian chromium is missing: run `make browser` (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    w = workers("w1", env={"WEB_TOKEN": TOKEN})
+    from tests.test_models_live import cli, model_dir_with_another, models_of
+    from tests.test_web import wait_until
+
+    model_dir, _, challenger = model_dir_with_another(tmp_path, "cart")
+    w = workers("w1", env={"WEB_TOKEN": TOKEN, "MODEL_DIR": str(model_dir)})
+    cli("models", "shadow", "cart", challenger, env={"BROKER_URL": broker.url, "MODEL_DIR": str(model_dir)})
     first = event(random.Random(1), 0, "dash-lookup")
     first["event_id"] = "dash-lookup-0"
     produce_events(broker, "cart_events", [first], "user_id")
     asyncio.run(produce(broker, "cart_events", [(b"dash-bad", b"{oops")]))  # one dead letter to show
     read_json(broker, "personalization_scores", 1)
+    wait_until(lambda: (models_of(w, TOKEN)["cart"]["challenger"] or {}).get("version") == challenger, 60,
+               "the challenger in shadow")
 
     traffic = Traffic(broker.bootstrap)
     traffic.start()
@@ -118,6 +125,11 @@ def test_dashboard_shows_live_data(broker, workers):
                 assert any(r.startswith("cart_events") for r in lag_rows), lag_rows
                 assert page.locator("#owners th").all_text_contents()[:2] == ["worker", "cart_events"]
                 assert "cart model" in page.text_content("#models")
+                # champion and challenger side by side
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#shadowChart-cart-challenger rect').length === 10", timeout=30_000)
+                assert f"challenger {challenger} in shadow" in page.text_content("#models-cart")
+                assert page.locator("#shadowChart-cart-champion rect").count() == 10
                 page.wait_for_function("() => document.getElementById('deadTotal').textContent === '1'",
                                        timeout=30_000)
                 assert page.locator("#deadChart rect").count() == 1

@@ -39,6 +39,9 @@ DEFAULTS = {
     "FRAUD_INPUT_TOPIC": ("fraud_input_topic", "transactions"),
     "FRAUD_OUTPUT_TOPIC": ("fraud_output_topic", "fraud_decisions"),
     "DEAD_LETTER_TOPIC": ("dead_letter_topic", "dead_letters"), "INTERNAL_TOPIC_PREFIX": ("internal_topic_prefix", ""),
+    # the model control topic and the label topics (issue 16)
+    "MODEL_CONTROL_TOPIC": ("model_control_topic", ""), "CART_LABEL_TOPIC": ("cart_label_topic", "cart_labels"),
+    "FRAUD_LABEL_TOPIC": ("fraud_label_topic", "fraud_labels"),
 }
 
 

@@ -38,12 +38,12 @@ from tqdm import tqdm
 
 from app.errors import Poison
 from app.models import registry
+from app.models.evaluate import at_threshold, average_precision, roc_auc
 from app.pipeline.codec import decode
 from app.pipelines import Pipeline, configured
 from app.settings import current
 from domain import session
 from training import report
-from training.evaluate import at_threshold, average_precision, roc_auc
 from training.train import fit, fold, iso, split, window, write_model
 from training.train_fraud import BASELINE_FEATURES as FRAUD_BASELINE
 

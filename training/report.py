@@ -11,7 +11,7 @@ from html import escape
 
 import numpy as np
 
-from training.evaluate import pr_curve, roc_curve, thin
+from app.models.evaluate import pr_curve, roc_curve, thin
 
 W, H, PAD = 390, 300, 56
 MODEL_COLOUR, BASE_COLOUR, POS_COLOUR, NEG_COLOUR = "#1f6feb", "#d97706", "#c2410c", "#2563eb"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.models.evaluate import at_threshold
 from app.pipelines import configured
 from app.settings import current
 from training import fraud_sim
-from training.evaluate import at_threshold
 from training.train import SEED, auc, fit, progress, replay, split, window, write_model
 
 # What a model without per-card state sees: the transaction alone. Trained beside the real model to

@@ -132,7 +132,8 @@ def _source(src: dict) -> str:
 
 
 def table(entries: list[dict]) -> list[str]:
-    """`scoring models list`: one line per version, the current one marked with *."""
+    """`scoring models list`: one line per version; * marks the one a worker loads at start,
+    [promoted] the one every running worker scores with, [shadow] a challenger (when known)."""
     def num(v) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
@@ -144,6 +145,7 @@ def table(entries: list[dict]) -> list[str]:
         lines.append(f"{'*' if m['current'] else ' '} {m['version']:<14}{(m.get('trained_at') or '?'):<26}"
                      f"{num(metrics.get('auc_holdout')):>7}{num(metrics.get('pr_auc_holdout')):>8}"
                      f"{num(metrics.get('auc_baseline_holdout')):>9}{events:>10,}  {_source(m.get('source', {}))}"
-                     + ("" if m["registered"] else "  (current only: not stored as a version)"))
+                     + ("" if m["registered"] else "  (current only: not stored as a version)")
+                     + ("  [promoted]" if m.get("promoted") else "") + ("  [shadow]" if m.get("challenger") else ""))
     lines.append("* current: the model a worker loads at start (<MODEL_DIR>/<pipeline>/model.txt)")
     return lines

@@ -19,7 +19,8 @@ class Item:
     """One source record on its way through the batch."""
 
     __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state",
-                 "score", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded", "outgoing")
+                 "score", "shadow", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded",
+                 "outgoing")
 
     def __init__(self, record) -> None:
         self.record = record
@@ -31,6 +32,7 @@ class Item:
         self.features = None
         self.state = None  # the key's state after this event, once applied
         self.score = None
+        self.shadow = None  # the challenger's score, when one scores in shadow
         self.reasons = None
         self.stage = None
         self.error = None
@@ -49,7 +51,7 @@ class Item:
 
     def reset(self) -> None:
         """Before the key is folded again: what the last fold gave it is forgotten."""
-        self.features = self.state = self.score = self.reasons = self.outgoing = None
+        self.features = self.state = self.score = self.shadow = self.reasons = self.outgoing = None
         self.duplicate = False
 
 

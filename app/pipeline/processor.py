@@ -45,13 +45,13 @@ ROUTES_MAX = 1 << 17  # cached key routes (bytes, partition); cleared when full
 
 
 class Processor:
-    def __init__(self, pipeline: Pipeline, *, producer: BatchProducer, writer: StateWriter, model,
+    def __init__(self, pipeline: Pipeline, *, producer: BatchProducer, writer: StateWriter, models,
                  policy: RetryPolicy, partitions: int, dead_letter_topic: str, max_event_bytes: int,
                  dead_letter_max_bytes: int, faults=None) -> None:
         self.pipeline = pipeline
         self.producer = producer
         self.writer = writer
-        self.model = model  # app.models: `.predict`, `.contributions`, `.version`
+        self.models = models  # app.models.live.LiveModels: the champion, maybe a challenger in shadow
         self.policy = policy
         self.partitions = partitions
         self.dead_letter_topic = dead_letter_topic
@@ -60,7 +60,7 @@ class Processor:
         self.faults = faults  # app.dev.faults.Faults: crash:<event id> (and the scoring's rules)
         self.m = metrics.for_pipeline(pipeline.name)
         self.scoring = Scoring(pipeline, policy, self.m, faults)
-        self.on_scored = None  # set by the web view: fed the scored items of each batch
+        self.observers: list = []  # called with the scored items of each batch (the web view's ring, ...)
         self._routes: dict[str, tuple[bytes, int]] = {}
 
     def partition_of(self, key: bytes) -> int:
@@ -80,7 +80,8 @@ class Processor:
         `set_aside`: the batch's one record killed the worker that many times (app/pipeline/quarantine.py);
         it becomes a dead letter without being read."""
         await self.writer.before(batch.generation)
-        model = self.model  # one model scores the whole batch
+        # one model decides for the whole batch (a promotion switches between batches)
+        champion, challenger = self.models.champion, self.models.challenger
         items = [Item(r) for r in batch.records]
         if set_aside is not None:
             for it in items:
@@ -90,7 +91,7 @@ class Processor:
         before = self.writer.read_many(self._keys_by_partition(by_key), batch.generation)
         folded = {key: fold(self.pipeline, before[key], its) for key, its in by_key.items()}
         now_ms = int(time.time() * 1000)
-        await self._score_all(by_key, before, folded, model, now_ms)
+        await self._score_all(by_key, before, folded, champion, challenger, now_ms)
 
         # 1. outputs: scores and repartition hops, retried in place; then the dead letters of
         #    everything that failed, which wait out an outage (there is nowhere further to put them)
@@ -168,16 +169,18 @@ class Processor:
         return keys_of
 
     async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], folded: dict,
-                         model, now_ms: int) -> None:
+                         champion, challenger, now_ms: int) -> None:
         """Score every folded event and build its output. An event that fails here leaves the state,
         so its key is folded again without it and the key's later events are scored again: no event
         is featurised on state that holds a dead letter."""
         todo = [it for its in by_key.values() for it in its if it.ok]
         while todo:
-            await self.scoring(todo, model)
+            await self.scoring(todo, champion)
+            if challenger is not None:
+                self.scoring.shadow(todo, challenger)
             for it in todo:
                 if it.ok:
-                    it.outgoing = self._output(it, model, now_ms)
+                    it.outgoing = self._output(it, champion, challenger, now_ms)
             failed = {it.key for it in todo if it.stage in ("score", "output")}
             refold = [key for key in failed if any(it.ok for it in by_key[key])]
             todo = []
@@ -188,19 +191,23 @@ class Processor:
                 folded[key] = fold(self.pipeline, before[key], its)
                 todo += [it for it in its if it.ok]
 
-    def _output(self, item: Item, model, now_ms: int) -> Record | None:
+    def _output(self, item: Item, champion, challenger, now_ms: int) -> Record | None:
         p, v = self.pipeline, item.value
         try:
             body = {
                 p.id_field: v[p.id_field],
                 p.key_field: item.key,
                 "score": item.score,
-                "model_version": model.version,
+                "model_version": champion.version,
                 "event_ts": v["ts"],
                 "scored_at": now_ms,
                 **p.output(v, item.state, item.score, item.reasons),
                 "features": item.features,
             }
+            if challenger is not None and item.shadow is not None:
+                body["shadow"] = shadow = {"model_version": challenger.version, "score": item.shadow}
+                if p.decide is not None:
+                    shadow["decision"] = p.decide(item.shadow)
             encoded = encode(body)
         except Exception as exc:
             item.fail("output", exc)
@@ -251,6 +258,14 @@ class Processor:
             if "decision" in scored[0].output:
                 for decision, n in Counter(it.output["decision"] for it in scored).items():
                     m.decisions.labels(decision).inc(n)
+            shadowed = [it for it in scored if "shadow" in it.output]
+            if shadowed:
+                metrics.observe_many(m.shadow_scores, np.fromiter((it.shadow for it in shadowed), dtype=np.float64,
+                                                                  count=len(shadowed)))
+                if self.pipeline.decide is not None:
+                    agree = Counter(it.output["decision"] == it.output["shadow"]["decision"] for it in shadowed)
+                    for same, n in agree.items():
+                        m.shadow_agreement.labels("true" if same else "false").inc(n)
         for stage, n in failed.items():
             m.dead_letters.labels(stage).inc(n)
         duplicates = sum(it.duplicate for it in local)
@@ -260,8 +275,9 @@ class Processor:
             m.repartitioned.inc(len(forward))
         m.scored.inc(len(scored))
         m.batch_size.observe(len(items))
-        if self.on_scored is not None and scored:
-            self.on_scored(scored)
+        if scored:
+            for observe in self.observers:
+                observe(scored)
 
 
 def _shrink_letter(record: Record) -> bool:

@@ -6,6 +6,7 @@ that still raise, or whose score is not a probability, fail at stage `score`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from itertools import chain
 
@@ -16,6 +17,8 @@ from app.pipeline.fold import Item
 from app.pipelines import Pipeline
 from app.retry import RetryPolicy
 
+log = logging.getLogger(__name__)
+
 
 class Scoring:
     def __init__(self, pipeline: Pipeline, policy: RetryPolicy, metrics, faults=None) -> None:
@@ -23,14 +26,13 @@ class Scoring:
         self.policy = policy
         self.m = metrics
         self.faults = faults  # app.dev.faults.Faults: score:<pipeline>, score_poison:<event id>
+        self._shadow_warned = 0.0
 
     async def __call__(self, items: list[Item], model) -> None:
         """Set `score` (and `reasons`) of every item, or fail it; `model` is an `app.models.Scorer`."""
         t0 = time.perf_counter()
         p = self.pipeline
-        width = len(p.feature_names)
-        rows = np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
-                           count=len(items) * width).reshape(len(items), width)
+        rows = self._rows(items)
         async for attempt in self.policy.attempts():
             try:
                 if self.faults is not None:
@@ -60,6 +62,28 @@ class Scoring:
             it.score = score
             if contributions is not None:
                 it.reasons = self._reasons(contributions[i])
+
+    def shadow(self, items: list[Item], challenger) -> None:
+        """The challenger's score of each scored item, on the same rows: it decides nothing, and
+        whatever it raises only leaves the items without a shadow score (one log line a minute)."""
+        items = [it for it in items if it.ok]
+        if not items:
+            return
+        try:
+            scores = challenger.predict(self._rows(items)).tolist()
+        except Exception as exc:
+            if time.monotonic() - self._shadow_warned > 60:
+                self._shadow_warned = time.monotonic()
+                log.warning("%s challenger %s failed to score a batch: %r", self.pipeline.name,
+                            challenger.version, exc)
+            return
+        for it, score in zip(items, scores):
+            it.shadow = score if 0.0 <= score <= 1.0 else None
+
+    def _rows(self, items: list[Item]) -> np.ndarray:
+        width = len(self.pipeline.feature_names)
+        return np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
+                           count=len(items) * width).reshape(len(items), width)
 
     def _each(self, items: list[Item], rows: np.ndarray, model) -> np.ndarray:
         """A batch predict raised: isolate the row(s) that the model rejects."""

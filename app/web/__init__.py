@@ -21,7 +21,7 @@ def register(service) -> None:
     recent = {}
     for name, r in service.pipelines.items():
         recent[name] = RecentScores(r.pipeline.id_field)
-        r.processor.on_scored = recent[name].record
+        r.processor.observers.append(recent[name].record)
     counts = tables.KeyCounts(app)
     health.register(service)
     lookups.register(service, recent)

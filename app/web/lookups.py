@@ -64,7 +64,7 @@ def register(service, recent: dict) -> None:
             "applied_offsets": record.get("applied", {}),
             "features_now": features,
             "features_probe": probe,
-            "model_version": r.processor.model.version,
+            "model_version": r.models.champion.version,
             "recent_scores": recent[name].of(key),
         })
 

@@ -3,7 +3,8 @@
   GET /metrics   Prometheus text format (always open)
   GET /stats     cumulative counters and histograms per pipeline, lag, ownership (the dashboard
                  computes rates from deltas)
-  GET /model     per pipeline: model version, features, training metrics, loaded_at
+  GET /model     per pipeline: the champion (version, features, training metrics, loaded_at), the
+                 challenger in shadow, the promotions refused and why
 
 The gauges this module owns (table keys, lag) are filled when /metrics or /stats is read: nothing
 is counted while nobody looks.
@@ -141,6 +142,15 @@ def register(service, counts) -> None:
                     "latency_p50": quantile(latency, 0.5),
                     "latency_p99": quantile(latency, 0.99),
                     "score_buckets": buckets(found, "scoring_score_ratio", name),
+                    "models": {
+                        "champion": r.models.champion.version,
+                        "challenger": r.models.challenger.version if r.models.challenger else None,
+                        "refused": len(r.models.refused),
+                        "shadow_score_buckets": buckets(found, "scoring_shadow_score_ratio", name),
+                        "shadow_decisions": by(found, "scoring_shadow_decisions_total", name, "agree"),
+                        "labels": by(found, "scoring_labels_total", name, "outcome"),
+                        **r.quality.summary(),
+                    },
                 }
             ok, why = readiness(app)
             dead = dead_letter_summary(service)
@@ -163,12 +173,18 @@ def register(service, counts) -> None:
         async def get(self, request: Request) -> Response:
             out = {}
             for name, r in running.items():
-                model = r.processor.model
-                out[name] = {
-                    "version": model.version,
-                    "features": list(r.pipeline.feature_names),
-                    "metrics": model.meta.get("metrics", {}),
-                    "training": model.meta.get("training", {}),
-                    "loaded_at": model.loaded_at,
-                }
+                live = r.models
+                out[name] = {**describe(live.champion, r.pipeline), "promoted_at": live.promoted_at,
+                             "challenger": describe(live.challenger, r.pipeline) if live.challenger else None,
+                             "refused": live.refused}
             return self.json({"worker": str(app.conf.canonical_url), "pipelines": out})
+
+
+def describe(model, pipeline) -> dict:
+    return {
+        "version": model.version,
+        "features": list(pipeline.feature_names),
+        "metrics": model.meta.get("metrics", {}),
+        "training": model.meta.get("training", {}),
+        "loaded_at": model.loaded_at,
+    }

@@ -1,7 +1,7 @@
 """Held-out evaluation: ROC and precision-recall curves, average precision, thresholds.
 
 Scores are compared at their distinct values (tied scores move together), so the area under
-`roc_curve` equals the rank AUC of `training.train.auc` with ties averaged.
+`roc_curve` equals the rank AUC of `training.train.auc` (training uses these too) with ties averaged.
 """
 from __future__ import annotations
 

@@ -253,8 +253,10 @@ def test_replayed_dead_letters_are_scored_after_the_fix(flow: Flow, broker, work
     assert replay(broker, flow, stage="score", max_replays=2) == (0, 0), "each letter is replayed once"
 
 
-@every_flow
-@pytest.mark.parametrize("wipe", [False, True], ids=["keep-store", "wipe-store"])
+# Each pipeline once, one with its store kept and one with it wiped: the short crash soak
+# (tests/test_chaos.py) kills workers of both pipelines with and without wipes besides.
+@pytest.mark.parametrize("flow, wipe", [(FLOWS["cart"], False), (FLOWS["fraud"], True)],
+                         ids=["keep-store-cart", "wipe-store-fraud"])
 def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(flow: Flow, wipe, broker, workers,
                                                                          tmp_path):
     rng = random.Random(1234 + wipe)

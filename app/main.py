@@ -21,7 +21,7 @@ import faust
 
 from agents import dead_letters, scoring
 from app import gc_policy, logs, metrics, security, web
-from app.kafka import broadcast, intake, patches, records, store
+from app.kafka import broadcast, intake, patches, records, restore, store
 from app.kafka.producer import BatchProducer
 from app.models.live import LiveModels, ModelControl
 from app.models.quality import ShadowQuality
@@ -138,6 +138,7 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
     patches.install(settings.fetch_wait_ms, settings.producer_options, settings.consumer_options)
     intake.install()
     records.install()
+    restore.install(bootstrap_servers(settings.broker_url), lambda table: isinstance(table, store.GatedTable))
 
     app = faust_app(settings)
     topology = Topology.from_settings(settings)

@@ -1,0 +1,89 @@
+"""Table recovery in bulk (app/kafka/restore.py, issue 18): a worker with an empty DATA_DIR rebuilds its
+tables from the changelog in large fetches and write batches, the newest value per key winning and a
+null value deleting, and then scores on that state; a store that has part of the changelog reads
+only the rest."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import rocksdict
+from aiokafka import AIOKafkaProducer
+from faust.types import TP
+
+from app.kafka.producer import key_hash
+from app.kafka.restore import restore
+from app.pipelines import configured
+from domain import session
+from tests.harness import produce_events, read_json
+from tests.test_web import get, get_json
+
+CHANGELOG = "scoring-user_sessions-changelog"
+
+
+def record(user: str, events: int, offset_of_event: int) -> bytes:
+    state = {**session.new_state(), "session_id": f"{user}:1", "events": events, "last_ts": 1_700_000_000_000}
+    return orjson.dumps({"state": state, "applied": {f"cart_events:{key_hash(user.encode()) % 4}": offset_of_event}})
+
+
+async def write(broker, records: list[tuple[str, bytes | None]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for user, value in records:
+            key = user.encode()
+            await producer.send(CHANGELOG, value, key=key, partition=key_hash(key) % 4)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def test_a_worker_without_local_state_restores_it_in_bulk_and_scores_on_it(broker, workers):
+    users = [f"r{i}" for i in range(300)]
+    changelog = [(u, record(u, 1, 0)) for u in users] + [(u, record(u, 7, 5)) for u in users[:100]]
+    changelog += [(users[-1], None)]  # deleted
+    asyncio.run(write(broker, changelog))
+    w = workers("w1", env={"PIPELINES": "cart"})
+    assert "restored 401 changelog records of" in w.log()
+    assert get_json(w.url, "/state/cart/r0")["state"]["events"] == 7, "the newest value of a key"
+    assert get_json(w.url, "/state/cart/r150")["state"]["events"] == 1
+    assert get(w.url, f"/state/cart/{users[-1]}")[0] == 404, "a null value deletes"
+
+    cart = configured()["cart"]
+    event = {"event_id": "after-restore", "user_id": "r0", "ts": 1_700_000_001_000, "type": "page_view",
+             "category": "books", "price": 1.0, "quantity": 1}
+    produce_events(broker, cart.source_topic, [event], "user_id")
+    out, = read_json(broker, cart.output_topic, 1)
+    assert out["features"][cart.feature_names.index("session_events")] == 8.0, "scored on the restored state"
+
+
+class Store:
+    """The parts of Faust's RocksDB store a restore writes: one database per partition, and the
+    persisted offset beside the values."""
+
+    def __init__(self, path) -> None:
+        self.db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
+        self.persisted: dict = {}
+
+    def _db_for_partition(self, partition: int):
+        return self.db
+
+    def set_persisted_offset(self, tp, offset: int) -> None:
+        self.persisted[tp] = offset
+
+
+def test_a_restore_reads_from_the_persisted_offset_to_the_end_it_was_given(broker, tmp_path):
+    users = [f"p{i}" for i in range(40)]
+    asyncio.run(write(broker, [(u, record(u, 1, 0)) for u in users]))
+    asyncio.run(write(broker, [(u, record(u, 2, 1)) for u in users]))
+    partition = key_hash(b"p0") % 4
+    tp = TP(CHANGELOG, partition)
+    mine = [u for u in users if key_hash(u.encode()) % 4 == partition]  # offsets 0..n-1, then n..2n-1
+    store = Store(tmp_path / "db")
+    n = len(mine)
+    done = asyncio.run(restore(broker.bootstrap, {tp: store}, {tp: n - 1}, {tp: 2 * n - 2}))
+    assert done == {tp: 2 * n - 2} and store.persisted == {tp: 2 * n - 2}
+    states = {u: orjson.loads(store.db[u.encode()])["state"]["events"] for u in mine[:-1]}
+    assert set(states.values()) == {2}, "the second round, from after the persisted offset"
+    assert mine[-1].encode() not in store.db, "nothing past the end it was given"
+    store.db.close()

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 MODEL_DIR ?= models
 export MODEL_DIR
 
-.PHONY: run test fuzz chaos model bench bench-backpressure bench-recovery broker install browser promtool stunnel clean
+.PHONY: run test fuzz chaos model bench bench-backpressure bench-recovery bench-scale bench-failover broker install browser promtool stunnel clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-backpressure: model
 
 bench-recovery: model
 	$(PY) -m bench.run --recovery
+
+bench-scale: model
+	$(PY) -m bench.run --scale
+
+bench-failover: model
+	$(PY) -m bench.run --failover
 
 clean:
 	rm -rf $(VENV) data models test-artifacts

@@ -135,7 +135,8 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
 
     settings = settings or configuration.current()
     # Process-wide changes to Faust and aiokafka, each explained where it is made.
-    patches.install(settings.fetch_wait_ms, settings.producer_options, settings.consumer_options)
+    patches.install(settings.fetch_wait_ms, settings.producer_options, settings.consumer_options,
+                    settings.rocksdb_block_cache_mb)
     intake.install()
     records.install()
     restore.install(bootstrap_servers(settings.broker_url), lambda table: isinstance(table, store.GatedTable))

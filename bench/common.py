@@ -60,17 +60,18 @@ class Worker(WorkerProcess):
     async def ready(self, timeout: float = 120) -> None:
         await self.wait_for_async(timeout=timeout)
 
-    def metrics(self) -> dict[str, float]:
-        """The worker's /metrics, cart pipeline samples only, as {name{labels}: value}."""
+    def metrics(self, pipeline: str = "cart") -> dict[str, float]:
+        """The worker's /metrics, samples of one pipeline (and of none), as {name{labels}: value}."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=10) as r:
             text = r.read().decode()
         out = {}
         for line in text.splitlines():
-            if line.startswith("#") or 'pipeline="fraud"' in line:
+            label = re.search(r'pipeline="([^"]*)"', line)
+            if line.startswith("#") or (label and label.group(1) != pipeline):
                 continue
             name, _, value = line.rpartition(" ")
             try:
-                out[re.sub(r'\{pipeline="cart"\}', "", name)] = float(value)
+                out[name.replace(f'{{pipeline="{pipeline}"}}', "")] = float(value)
             except ValueError:
                 pass
         return out
@@ -92,22 +93,30 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = PART
         await admin.close()
 
 
-def cart_events(n: int, users: int, seed: int, prefix: str, ts_ms=None) -> list[dict]:
-    """n simulated cart events of `users` users; ids unique per prefix; ts stamped by `ts_ms()`."""
-    from training import cart_sim
+def simulated(pipeline: str, n: int, users: int, seed: int, prefix: str, ts_ms=None,
+              zipf: float = 0.0) -> list[dict]:
+    """n simulated events of a pipeline ("cart": shoppers, "fraud": cards), `users` of them picked
+    uniformly (or, for cart, Zipf-like with `zipf` > 0); ids unique per prefix; ts stamped by
+    `ts_ms()`."""
+    from app.pipelines import configured
+    from training import cart_sim, fraud_sim
 
+    if zipf and pipeline != "cart":
+        raise ValueError("Zipf-like activity is simulated for cart events only")
     clock = ts_ms or (lambda: int(time.time() * 1000))
-    gen = cart_sim.live(users, seed, clock)
+    gen = cart_sim.live(users, seed, clock, zipf) if pipeline == "cart" else fraud_sim.live(users, seed, clock)
+    id_field = configured()[pipeline].id_field
     out = []
     for i in range(n):
         e = next(gen)
-        e["event_id"] = f"{prefix}{i}"
+        e[id_field] = f"{prefix}{i}"
         out.append(e)
     return out
 
 
-async def produce_all(bootstrap: str, topic: str, events: list[dict], progress: bool = True) -> float:
-    """Produce keyed by user id, wait for every ack; returns seconds taken."""
+async def produce_all(bootstrap: str, topic: str, events: list[dict], progress: bool = True,
+                      key_field: str = "user_id") -> float:
+    """Produce keyed by `key_field` (the state key), wait for every ack; returns seconds taken."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024,
                                 acks=1)
     await producer.start()
@@ -115,7 +124,7 @@ async def produce_all(bootstrap: str, topic: str, events: list[dict], progress: 
     try:
         futs = []
         for i, e in enumerate(events):
-            futs.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
+            futs.append(await producer.send(topic, orjson.dumps(e), key=e[key_field].encode()))
             if len(futs) >= 20_000:
                 await asyncio.gather(*futs)
                 futs = []
@@ -278,3 +287,61 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except FileNotFoundError:
         return 0.0
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+async def drain(reader: Reader, n: int, what: str, timeout_idle: float = 60) -> dict:
+    ok = await reader.wait_count(n, timeout_idle, lambda c: say(f"  {what}: {c}/{n} outputs"))
+    secs = (reader.last - reader.first) if reader.first is not None and reader.count > 1 else None
+    return {"events": n, "outputs": reader.count, "complete": ok,
+            "seconds_first_to_last": round(secs, 3) if secs else None,
+            "events_per_s": round(reader.count / secs) if secs else None}
+
+
+async def latency_step(bootstrap: str, in_topic: str, out_topic: str, ts_field: str, rate: int,
+                       duration: float, workdir: Path, label: str, pid: int,
+                       users: tuple[int, float] = (10_000, 0.0)) -> tuple[dict, list]:
+    """A warm-up (connections, metadata, first batches; not measured), then `rate` events/s for
+    `duration` seconds into `in_topic`, read back from `out_topic` by a reader of its own. Returns
+    what was sent and received, and the (arrival, `ts_field`) samples. `users`: how many, and their
+    Zipf exponent (0: uniform)."""
+    from app.settings import current
+
+    population = ["--users", str(users[0]), "--zipf", str(users[1])]
+    reader = Reader(bootstrap, out_topic, ts_field, current().fetch_wait_ms)
+    await reader.start()
+    try:
+        await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                                  "--rate", "200", "--duration", "2", "--prefix", f"{label}-warm-", *population],
+                                 workdir / f"loadgen-{label}.log")
+        await reader.wait_count(400, 10)
+        await asyncio.sleep(1)
+        reader.reset()
+        await asyncio.sleep(0.5)
+        cpu0 = cpu_seconds(pid)
+        say(f"  {label}: {rate} events/s for {duration} s")
+        gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
+                                        "--rate", str(rate), "--duration", str(duration),
+                                        "--prefix", f"{label}-{rate}-", *population],
+                                       workdir / f"loadgen-{label}.log")
+        ok = await reader.wait_count(gen["sent"], 15)
+    finally:
+        await reader.stop()
+    step = {"sent": gen["sent"], "achieved_rate": gen["rate"], "received": reader.count, "all_received": ok,
+            "cpu_share": round((cpu_seconds(pid) - cpu0) / gen["seconds"], 2)}
+    stats = latency_stats(reader.samples)
+    say(f"    p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms, p99.9 {stats['p999_ms']} ms, "
+        f"received {reader.count}/{gen['sent']}")
+    return step, reader.samples
+
+
+def pooled(rate: int, steps: list[tuple[dict, list]]) -> dict:
+    """The rounds of one rate: latency over all their samples, counts summed, CPU averaged."""
+    out = latency_stats(*(samples for _, samples in steps))
+    out.update(offered=rate, rounds=len(steps), sent=sum(s["sent"] for s, _ in steps),
+               received=sum(s["received"] for s, _ in steps),
+               all_received=all(s["all_received"] for s, _ in steps),
+               achieved_rate=round(sum(s["achieved_rate"] for s, _ in steps) / len(steps), 1),
+               cpu_share=round(sum(s["cpu_share"] for s, _ in steps) / len(steps), 2))
+    return out

@@ -1,6 +1,6 @@
 """The processor alone, in one process: CPU per event of a micro-batch, without broker or network.
 
-  python -m bench.inprocess [--events 100000] [--users 10000] [--batch 2000] [--profile]
+  python -m bench.inprocess [--pipeline cart|fraud] [--events 100000] [--users 10000] [--batch 2000] [--profile]
 
 The real `Processor` and `GatedTable` (RocksDB in a temporary directory) of the worker's app run
 over pre-encoded cart events keyed by user, in batches as the intake hands them over; only the
@@ -23,28 +23,37 @@ import time
 
 import orjson
 
+from app import gc_policy
 from app.dev.inprocess import ConsumerRecord, FakeBatch, build
 
 
-def records(n: int, users: int, partitions: int) -> list[ConsumerRecord]:
-    from aiokafka.partitioner import murmur2
+def records(pipeline, n: int, users: int, partitions: int, zipf: float = 0.0) -> list[ConsumerRecord]:
+    """n events of `users` users (cards; Zipf-like for cart with `zipf` > 0), keyed by the state
+    key, on its partition."""
+    import itertools
 
-    from bench.common import cart_events
+    from app.kafka.producer import key_hash
+    from training import cart_sim, fraud_sim
 
+    clock = itertools.count(1_700_000_000_000, 7)
+    now = lambda: next(clock)  # noqa: E731
+    stream = cart_sim.live(users, 1, now, zipf) if pipeline.name == "cart" else fraud_sim.live(users, 1, now)
     out, offsets = [], [0] * partitions
-    for e in cart_events(n, users, 1, "e"):
-        key = e["user_id"].encode()
-        p = (murmur2(key) & 0x7FFFFFFF) % partitions
-        out.append(ConsumerRecord("cart_events", p, offsets[p], key, orjson.dumps(e), []))
+    for i, e in enumerate(itertools.islice(stream, n)):
+        e[pipeline.id_field] = f"e{i}"
+        key = e[pipeline.key_field].encode()
+        p = key_hash(key) % partitions
+        out.append(ConsumerRecord(pipeline.source_topic, p, offsets[p], key, orjson.dumps(e), []))
         offsets[p] += 1
     return out
 
 
 async def run(args) -> None:
     service = build(tempfile.mkdtemp(prefix="bench-inprocess-"))
+    gc_policy.install()  # as the worker does when it starts
     partitions = service.settings.partitions
-    processor = service.pipelines["cart"].processor
-    data = records(args.events, args.users, partitions)
+    processor = service.pipelines[args.pipeline].processor
+    data = records(processor.pipeline, args.events, args.users, partitions, args.zipf)
 
     async def once(n: int, generation=1) -> float:
         # the same events again at later offsets: new to the state, as a stream that goes on
@@ -56,6 +65,7 @@ async def run(args) -> None:
         for b in batches:
             handed.append(FakeBatch(b, generation))
             await processor.handle(handed[-1])
+            gc_policy.between_batches()  # as the agent does
         await processor.writer.drain()
         assert all(b.acked for b in handed)
         return time.process_time() - t0
@@ -71,12 +81,14 @@ async def run(args) -> None:
         pstats.Stats(prof, stream=sys.stdout).sort_stats(sort).print_stats(40)
         return
     best = min([await once(n) for n in range(1, 6)])
-    print(f"processor alone: {args.events} events in batches of {args.batch}: "
+    print(f"{args.pipeline} processor alone: {args.events} events in batches of {args.batch}: "
           f"{best / args.events * 1e6:.2f} us/event, {args.events / best:,.0f} events/s")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--pipeline", default="cart", choices=["cart", "fraud"])
+    p.add_argument("--zipf", type=float, default=0.0, help="cart users picked Zipf-like (user k about k**-s as often)")
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--batch", type=int, default=2000)

@@ -19,17 +19,17 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from bench.common import cart_events
+from bench.common import simulated
 
 POOL = 50_000
 
 
 async def run(bootstrap: str, topic: str, rate: float, duration: float, prefix: str, users: int,
-              seed: int, tick_s: float = 0.002) -> dict:
+              seed: int, tick_s: float = 0.002, zipf: float = 0.0) -> dict:
     n = int(rate * duration)
     # A pool of simulated events, serialised once without id and ts; each send prepends a fresh
     # id and the send time, so stamping costs about a microsecond even at high rates.
-    pool = cart_events(min(n, POOL), users, seed, "")
+    pool = simulated("cart", min(n, POOL), users, seed, "", zipf=zipf)
     keys = [e["user_id"].encode() for e in pool]
     rests = [orjson.dumps({k: v for k, v in e.items() if k not in ("event_id", "ts")})[1:] for e in pool]
     head = b'{"event_id":"' + prefix.encode() + b'%d","ts":%d,'
@@ -86,8 +86,9 @@ def main() -> None:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--tick-ms", type=float, default=2.0, help="how often due events are sent")
+    p.add_argument("--zipf", type=float, default=0.0, help="users picked Zipf-like (user k about k**-s as often)")
     a = p.parse_args()
-    res = asyncio.run(run(a.bootstrap, a.topic, a.rate, a.duration, a.prefix, a.users, a.seed, a.tick_ms / 1000))
+    res = asyncio.run(run(a.bootstrap, a.topic, a.rate, a.duration, a.prefix, a.users, a.seed, a.tick_ms / 1000, a.zipf))
     print("RESULT " + orjson.dumps(res).decode(), flush=True)
 
 

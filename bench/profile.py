@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from app.dev.broker import EmbeddedBroker
-from bench.common import Worker, cart_events, create_topics, produce_all, say
+from bench.common import Worker, create_topics, produce_all, say, simulated
 
 
 def top(collapsed: Path, n: int = 40) -> str:
@@ -44,7 +44,7 @@ async def run(args) -> None:
     worker = None
     try:
         await create_topics(broker.bootstrap, ["cart_events", "personalization_scores"])
-        await produce_all(broker.bootstrap, "cart_events", cart_events(args.events, 10_000, 1, "p"))
+        await produce_all(broker.bootstrap, "cart_events", simulated("cart", args.events, 10_000, 1, "p"))
         worker = Worker(broker.url, workdir).start()
         await worker.ready()
         await asyncio.sleep(args.delay)  # group join, then steady draining

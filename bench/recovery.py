@@ -27,22 +27,23 @@ from aiokafka.partitioner import murmur2
 
 from app.dev.broker import EmbeddedBroker
 from app.pipelines import configured
-from bench.common import PARTITIONS, RESULTS, Worker, cart_events, create_topics, say
+from bench.common import PARTITIONS, RESULTS, Worker, create_topics, say, simulated
 from domain import session
 
 CHANGELOG = "scoring-user_sessions-changelog"
 _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
-async def write_changelog(bootstrap: str, users: int) -> int:
-    """One record per user, as the worker writes it after that user's first event."""
+async def write_changelog(bootstrap: str, users: int, applied: bool = True) -> int:
+    """One record per user, as the worker writes it after that user's first event (with `applied`,
+    at offset <user number> of its partition: events of the input at lower offsets are replays)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
     size = 0
     try:
         futs = []
         cart = configured()["cart"]
-        events = cart_events(min(users, 50_000), users, 5, "r")
+        events = simulated("cart", min(users, 50_000), users, 5, "r")
         for i in range(users):
             user = f"u{i}"
             e = {**events[i % len(events)], "user_id": user}
@@ -51,7 +52,7 @@ async def write_changelog(bootstrap: str, users: int) -> int:
             key = user.encode()
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
             value = orjson.dumps({"state": cart.apply(session.new_state(), e),
-                                  "applied": {f"cart_events:{partition}": i}})
+                                  "applied": {f"cart_events:{partition}": i} if applied else {}})
             size += len(value)
             futs.append(await producer.send(CHANGELOG, value, key=key, partition=partition))
             if len(futs) >= 20_000:

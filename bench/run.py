@@ -4,13 +4,17 @@
   python -m bench.run --quick          # smaller input and shorter rate steps (about a minute)
   python -m bench.run --backpressure   # offered load at ~3x capacity for a minute (bench/backpressure.py)
   python -m bench.run --recovery       # table recovery time from the changelog (bench/recovery.py)
+  python -m bench.run --failover       # a SIGKILLed owner's partitions scored again, with standbys (bench/failover.py)
+  python -m bench.run --scale          # 10k, 100k, 1M users: recovery, throughput, latency, bytes (bench/scale.py)
 
 Phases, each on a fresh embedded broker started here (Tansu keeps everything in memory and slows
 down as it fills, which would otherwise penalise whatever runs last):
   1. ceiling: N cart events pre-produced to `cart_events` (keyed by user, as a shop would), then
      `python -m bench.bare drain` copies them to `bench_out`;
   2. the same N events pre-produced again, and the real worker (`faust -A app worker -l info`,
-     default settings) drains them into `personalization_scores`;
+     default settings) drains them into `personalization_scores`; then (without --worker-env) a
+     worker of the cart pipeline only (PIPELINES=cart) does the same, and N card transactions go
+     through the bare loop and a worker of the fraud pipeline only (PIPELINES=fraud, -> fraud_scores);
   3. latency at each offered rate, each rate on a broker of its own: first the bare relay
      (`bench.bare relay`, relay_in -> relay_out), then a fresh worker (cart_events ->
      personalization_scores), same load generator and reader;
@@ -34,6 +38,7 @@ from pathlib import Path
 import orjson
 
 from app.dev.broker import EmbeddedBroker
+from app.pipelines import configured
 from app.settings import current
 from bench.common import (
     MODEL_DIR,
@@ -41,15 +46,17 @@ from bench.common import (
     ROOT,
     Reader,
     Worker,
-    cart_events,
     cpu_seconds,
     create_topics,
+    drain,
     helper,
-    latency_stats,
+    latency_step,
+    pooled,
     proc_status,
     produce_all,
     run_proc_to_result,
     say,
+    simulated,
 )
 
 RATES = (500, 1000, 2000, 5000)
@@ -57,67 +64,16 @@ RATES = (500, 1000, 2000, 5000)
 
 # -- phases ---------------------------------------------------------------------------------------
 
-async def drain(reader: Reader, n: int, what: str, timeout_idle: float = 60) -> dict:
-    ok = await reader.wait_count(n, timeout_idle, lambda c: say(f"  {what}: {c}/{n} outputs"))
-    secs = (reader.last - reader.first) if reader.first is not None and reader.count > 1 else None
-    return {"events": n, "outputs": reader.count, "complete": ok,
-            "seconds_first_to_last": round(secs, 3) if secs else None,
-            "events_per_s": round(reader.count / secs) if secs else None}
-
-
-async def latency_step(bootstrap: str, in_topic: str, out_topic: str, ts_field: str, rate: int,
-                       duration: float, workdir: Path, label: str, pid: int) -> tuple[dict, list]:
-    """A warm-up (connections, metadata, first batches; not measured), then `rate` events/s for
-    `duration` seconds into `in_topic`, read back from `out_topic` by a reader of its own. Returns
-    what was sent and received, and the (arrival, `ts_field`) samples."""
-    reader = Reader(bootstrap, out_topic, ts_field, current().fetch_wait_ms)
-    await reader.start()
-    try:
-        await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
-                                  "--rate", "200", "--duration", "2", "--prefix", f"{label}-warm-"],
-                                 workdir / f"loadgen-{label}.log")
-        await reader.wait_count(400, 10)
-        await asyncio.sleep(1)
-        reader.reset()
-        await asyncio.sleep(0.5)
-        cpu0 = cpu_seconds(pid)
-        say(f"  {label}: {rate} events/s for {duration} s")
-        gen = await run_proc_to_result(["-m", "bench.loadgen", "--bootstrap", bootstrap, "--topic", in_topic,
-                                        "--rate", str(rate), "--duration", str(duration),
-                                        "--prefix", f"{label}-{rate}-"], workdir / f"loadgen-{label}.log")
-        ok = await reader.wait_count(gen["sent"], 15)
-    finally:
-        await reader.stop()
-    step = {"sent": gen["sent"], "achieved_rate": gen["rate"], "received": reader.count, "all_received": ok,
-            "cpu_share": round((cpu_seconds(pid) - cpu0) / gen["seconds"], 2)}
-    stats = latency_stats(reader.samples)
-    say(f"    p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms, p99.9 {stats['p999_ms']} ms, "
-        f"received {reader.count}/{gen['sent']}")
-    return step, reader.samples
-
-
-def pooled(rate: int, steps: list[tuple[dict, list]]) -> dict:
-    """The rounds of one rate: latency over all their samples, counts summed, CPU averaged."""
-    out = latency_stats(*(samples for _, samples in steps))
-    out.update(offered=rate, rounds=len(steps), sent=sum(s["sent"] for s, _ in steps),
-               received=sum(s["received"] for s, _ in steps),
-               all_received=all(s["all_received"] for s, _ in steps),
-               achieved_rate=round(sum(s["achieved_rate"] for s, _ in steps) / len(steps), 1),
-               cpu_share=round(sum(s["cpu_share"] for s, _ in steps) / len(steps), 2))
-    return out
-
-
 def scorer_microbench() -> dict:
     """Predict per row, one row per call vs batches of 500, on realistic feature rows: the worker's
     compiled trees (`Scorer.predict`, lleaves) and LightGBM's own `Booster.predict`."""
     import numpy as np
 
     from app.models.scorer import Scorer
-    from app.pipelines import configured
     from training.train import replay
 
     cart = configured()["cart"]
-    events = cart_events(5000, 500, 3, "s")
+    events = simulated("cart", 5000, 500, 3, "s")
     rows = replay(cart, events)
     scorer = Scorer(MODEL_DIR / "cart", cart.feature_names)
 
@@ -143,12 +99,100 @@ def scorer_microbench() -> dict:
 
 # -- the run --------------------------------------------------------------------------------------
 
-async def fresh_broker(workdir: Path, name: str, topics: list[str]) -> EmbeddedBroker:
-    # Tansu keeps every record in memory and slows down as it fills (the bare relay's p50 at
-    # 5000/s tripled after 800k records), so every phase gets a broker holding only its own data.
-    broker = EmbeddedBroker(log_path=workdir / f"broker-{name}.log").start()
-    await create_topics(broker.bootstrap, topics)
-    return broker
+class Phases:
+    """The brokers, processes and readers of one run, so that every one of them is stopped at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.brokers: list[EmbeddedBroker] = []
+        self.procs: list = []
+        self.readers: list[Reader] = []
+
+    async def broker(self, name: str, topics: list[str]) -> EmbeddedBroker:
+        # Tansu keeps every record in memory and slows down as it fills (the bare relay's p50 at
+        # 5000/s tripled after 800k records), so every phase gets a broker holding only its own data.
+        broker = EmbeddedBroker(log_path=self.workdir / f"broker-{name}.log").start()
+        self.brokers.append(broker)
+        await create_topics(broker.bootstrap, topics)
+        return broker
+
+    async def reader(self, bootstrap: str, topic: str, **kw) -> Reader:
+        reader = Reader(bootstrap, topic, None, current().fetch_wait_ms, **kw)
+        self.readers.append(reader)
+        await reader.start()
+        return reader
+
+    def keep(self, proc):
+        """A started process, stopped by `close` if it is still running then."""
+        self.procs.append(proc)
+        return proc
+
+    async def bare_drain(self, name: str, pipeline, events: list[dict]) -> dict:
+        """The ceiling: the bare aiokafka loop copies the pre-produced input to another topic."""
+        broker = await self.broker(name, [pipeline.source_topic, "bench_out"])
+        say(f"{name}: pre-producing {len(events)} events to {pipeline.source_topic}")
+        await produce_all(broker.bootstrap, pipeline.source_topic, events, key_field=pipeline.key_field)
+        say(f"{name}: bare aiokafka consume -> produce loop over the input")
+        reader = await self.reader(broker.bootstrap, "bench_out")
+        bare = await run_proc_to_result(["-m", "bench.bare", "drain", "--bootstrap", broker.bootstrap, "--src",
+                                         pipeline.source_topic, "--dst", "bench_out", "--count", str(len(events))],
+                                        self.workdir / f"{name}.log")
+        out = {**await drain(reader, len(events), name), "loop_seconds": bare["seconds"]}
+        await reader.stop()
+        broker.stop()
+        say(f"  {out['events_per_s']} events/s")
+        return out
+
+    async def worker_drain(self, name: str, pipeline, events: list[dict], env: dict) -> tuple[dict, dict, dict]:
+        """The real worker drains the same pre-produced input: (throughput, its metrics of the
+        pipeline, its memory)."""
+        n = len(events)
+        broker = await self.broker(name, [pipeline.source_topic, pipeline.output_topic])
+        say(f"{name}: pre-producing the same input to {pipeline.source_topic}")
+        await produce_all(broker.bootstrap, pipeline.source_topic, events, key_field=pipeline.key_field)
+        say(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items())} worker draining the pre-produced input")
+        reader = await self.reader(broker.bootstrap, pipeline.output_topic, keep_values=True)
+        t_start = time.monotonic()
+        worker = self.keep(Worker(broker.url, self.workdir, env=env, name=name).start())
+        await worker.ready()
+        t_ready = time.monotonic()
+        cpu0 = cpu_seconds(worker.pid)
+        rss: list = []
+        sampler = asyncio.create_task(_sample_rss(worker.pid, rss))
+        tp = await drain(reader, n, name)
+        sampler.cancel()
+        ids = {orjson.loads(v)[pipeline.id_field] for v in reader.values}
+        tp.update(distinct_events_scored=len(ids),
+                  seconds_ready_to_last=round(reader.last - t_ready, 3) if reader.last else None,
+                  seconds_start_to_ready=round(t_ready - t_start, 3),
+                  worker_cpu_share=round((cpu_seconds(worker.pid) - cpu0) / max(1e-9, reader.last - t_ready), 2)
+                  if reader.last else None,
+                  rss_max_mib=max(rss) if rss else None)
+        if reader.last:
+            tp["events_per_s_ready_to_last"] = round(reader.count / (reader.last - t_ready))
+        reader.values = []
+        await reader.stop()
+        say(f"  {tp['events_per_s']} events/s (first->last output), {tp['distinct_events_scored']} distinct scored")
+        metrics, memory = worker.metrics(pipeline.name), proc_status(worker.pid)
+        worker.stop()
+        broker.stop()
+        return tp, metrics, memory
+
+    async def close(self) -> None:
+        for r in self.readers:
+            try:
+                await r.stop()
+            except Exception:
+                pass
+        for proc in self.procs:
+            proc.stop()
+        for b in self.brokers:
+            b.stop()
+
+
+def _ratio(worker: dict, bare: dict) -> float | None:
+    w, b = worker.get("events_per_s"), bare.get("events_per_s")
+    return round(w / b, 3) if w and b else None
 
 
 async def bench(args) -> dict:
@@ -163,70 +207,35 @@ async def bench(args) -> dict:
                                "settings": {k: v for k, v in current().describe().items()
                                             if k in ("batch_max", "fetch_wait_ms", "linger_ms",
                                                      "producer_max_batch_bytes", "commit_interval_s")}}}
-    brokers: list[EmbeddedBroker] = []
-    procs: list = []
-    readers: list[Reader] = []
+    pipelines = configured()
+    run = Phases(workdir)
     try:
         say(f"simulating {n} cart events of {users} users")
-        events = cart_events(n, users, 1, "t")
+        events = simulated("cart", n, users, 1, "t")
 
-        # 1. the ceiling: bare loop over the pre-produced input
-        broker = await fresh_broker(workdir, "bare", ["cart_events", "bench_out"])
-        brokers.append(broker)
-        say("pre-producing the input to cart_events")
-        secs = await produce_all(broker.bootstrap, "cart_events", events)
-        say(f"  {n} events in {secs:.1f} s")
-        say("ceiling: bare aiokafka consume -> produce loop over the input")
-        reader = Reader(broker.bootstrap, "bench_out", None, current().fetch_wait_ms)
-        readers.append(reader)
-        await reader.start()
-        bare = await run_proc_to_result(["-m", "bench.bare", "drain", "--bootstrap", broker.bootstrap, "--src",
-                                         "cart_events", "--dst", "bench_out", "--count", str(n)],
-                                        workdir / "bare.log")
-        result["bare_throughput"] = {**await drain(reader, n, "bare"), "loop_seconds": bare["seconds"]}
-        await reader.stop()
-        broker.stop()
-        say(f"  {result['bare_throughput']['events_per_s']} events/s")
-
-        # 2. the worker drains the same input
-        broker = await fresh_broker(workdir, "worker", ["cart_events", "personalization_scores"])
-        brokers.append(broker)
-        say("pre-producing the same input to cart_events")
-        await produce_all(broker.bootstrap, "cart_events", events)
-        del events
-        say("worker: draining the pre-produced input")
-        reader = Reader(broker.bootstrap, "personalization_scores", None, current().fetch_wait_ms, keep_values=True)
-        readers.append(reader)
-        await reader.start()
-        t_start = time.monotonic()
-        worker = Worker(broker.url, workdir, env=args.worker_env, name="worker-drain").start()
-        procs.append(worker)
-        await worker.ready()
-        t_ready = time.monotonic()
-        cpu0 = cpu_seconds(worker.pid)
-        rss = []
-        sampler = asyncio.create_task(_sample_rss(worker.pid, rss))
-        tp = await drain(reader, n, "worker")
-        sampler.cancel()
-        ids = {orjson.loads(v)["event_id"] for v in reader.values}
-        tp.update(distinct_events_scored=len(ids),
-                  seconds_ready_to_last=round(reader.last - t_ready, 3) if reader.last else None,
-                  seconds_start_to_ready=round(t_ready - t_start, 3),
-                  worker_cpu_share=round((cpu_seconds(worker.pid) - cpu0) / max(1e-9, reader.last - t_ready), 2)
-                  if reader.last else None,
-                  rss_max_mib=max(rss) if rss else None)
-        if reader.last:
-            tp["events_per_s_ready_to_last"] = round(reader.count / (reader.last - t_ready))
+        # 1. the ceiling: bare loop over the pre-produced input; 2. the worker drains the same input
+        result["bare_throughput"] = await run.bare_drain("bare", pipelines["cart"], events)
+        tp, m0, mem_drain = await run.worker_drain("worker-drain", pipelines["cart"], events, args.worker_env)
         result["worker_throughput"] = tp
-        reader.values = []
-        await reader.stop()
-        say(f"  {tp['events_per_s']} events/s (first->last output), {tp['distinct_events_scored']} distinct scored")
-        if tp["events_per_s"] and result["bare_throughput"]["events_per_s"]:
-            result["ratio_worker_to_bare"] = round(tp["events_per_s"] / result["bare_throughput"]["events_per_s"], 3)
-        m0 = worker.metrics()
-        mem_drain = proc_status(worker.pid)
-        worker.stop()
-        broker.stop()
+        result["ratio_worker_to_bare"] = _ratio(tp, result["bare_throughput"])
+        if not args.worker_env:
+            # 2b. a worker of one pipeline only, each beside the bare loop over the same input
+            alone = {}
+            cart_alone, _, _ = await run.worker_drain("worker-cart-only", pipelines["cart"], events,
+                                                      {"PIPELINES": "cart"})
+            alone["cart"] = {"worker": cart_alone, "bare": result["bare_throughput"],
+                             "ratio": _ratio(cart_alone, result["bare_throughput"])}
+            del events
+            say(f"simulating {n} card transactions of {users} cards")
+            txns = simulated("fraud", n, users, 1, "f")
+            bare_fraud = await run.bare_drain("bare-fraud", pipelines["fraud"], txns)
+            fraud_alone, _, _ = await run.worker_drain("worker-fraud-only", pipelines["fraud"], txns,
+                                                       {"PIPELINES": "fraud"})
+            alone["fraud"] = {"worker": fraud_alone, "bare": bare_fraud, "ratio": _ratio(fraud_alone, bare_fraud)}
+            del txns
+            result["pipeline_alone"] = alone
+        else:
+            del events
 
         # 3. latency at fixed offered rates: per rate a fresh broker, the bare relay on it, then the
         # worker (each alone on the machine). The embedded broker's fetch lists every batch stored in
@@ -238,20 +247,18 @@ async def bench(args) -> dict:
         mem_latency: dict = {}
         for round_ in range(args.rounds):
             for rate in RATES:
-                broker = await fresh_broker(workdir, f"latency-{rate}-{round_}",
-                                            ["cart_events", "personalization_scores", "relay_in", "relay_out"])
-                brokers.append(broker)
+                broker = await run.broker(f"latency-{rate}-{round_}",
+                                          ["cart_events", "personalization_scores", "relay_in", "relay_out"])
                 relay = helper(["-m", "bench.bare", "relay", "--bootstrap", broker.bootstrap, "--src", "relay_in",
                                 "--dst", "relay_out"], workdir / f"relay-{rate}-{round_}.log")
-                procs.append(relay)
+                run.keep(relay)
                 await relay.wait_for_async("READY")
                 steps["bare"][rate].append(await latency_step(broker.bootstrap, "relay_in", "relay_out", "ts", rate,
                                                               durations[rate], workdir, "relay", relay.pid))
                 relay.stop()
 
-                worker = Worker(broker.url, workdir, env=args.worker_env,
-                                name=f"worker-latency-{rate}-{round_}").start()
-                procs.append(worker)
+                worker = run.keep(Worker(broker.url, workdir, env=args.worker_env,
+                                         name=f"worker-latency-{rate}-{round_}").start())
                 await worker.ready()
                 steps["worker"][rate].append(await latency_step(
                     broker.bootstrap, "cart_events", "personalization_scores", "event_ts", rate, durations[rate],
@@ -276,15 +283,7 @@ async def bench(args) -> dict:
             **scorer_microbench(),
         }
     finally:
-        for r in readers:
-            try:
-                await r.stop()
-            except Exception:
-                pass
-        for proc in procs:
-            proc.stop()
-        for b in brokers:
-            b.stop()
+        await run.close()
     return result
 
 
@@ -322,6 +321,9 @@ def table(r: dict) -> str:
         f"{bt['events_per_s']} | {r.get('ratio_worker_to_bare', 'n/a')} |",
         f"| throughput, events/s (worker Ready to last output) | {wt.get('events_per_s_ready_to_last')} | | |",
     ]
+    for name, alone in r.get("pipeline_alone", {}).items():
+        lines.append(f"| throughput, events/s, a worker of the {name} pipeline only (`PIPELINES={name}`) | "
+                     f"{alone['worker']['events_per_s']} | {alone['bare']['events_per_s']} | {alone['ratio']} |")
     for rate in sorted(r["worker_latency"], key=int):
         w, b = r["worker_latency"][rate], r["bare_latency"][rate]
         lines.append(f"| latency @ {rate}/s: p50 / p99 / p99.9 ms | {w['p50_ms']} / {w['p99_ms']} / {w['p999_ms']} | "
@@ -420,7 +422,12 @@ def main(argv=None) -> None:
     p.add_argument("--recovery", action="store_true", help="run the table recovery test instead")
     p.add_argument("--capacity", type=int, default=0, help="backpressure: events/s (default: latest.json)")
     p.add_argument("--overload-seconds", type=float, default=60, help="backpressure: how long to offer 3x")
-    p.add_argument("--recovery-users", default="10000,100000", help="recovery: changelog sizes, comma-separated")
+    p.add_argument("--recovery-users", default="10000,100000,1000000", help="recovery: changelog sizes, comma-separated")
+    p.add_argument("--failover", action="store_true", help="run the standby failover timing instead (bench/failover.py)")
+    p.add_argument("--failover-rounds", type=int, default=3, help="failover: SIGKILLs, each on a fresh broker")
+    p.add_argument("--scale", action="store_true", help="run how cost grows with users instead (bench/scale.py)")
+    p.add_argument("--scale-users", default="10000,100000,1000000", help="scale: user counts, comma-separated")
+    p.add_argument("--scale-events", type=int, default=200_000, help="scale: events drained per size")
     args = p.parse_args(argv)
     args.worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
     if args.backpressure:
@@ -429,6 +436,12 @@ def main(argv=None) -> None:
     if args.recovery:
         from bench import recovery
         return recovery.main(args)
+    if args.scale:
+        from bench import scale
+        return scale.main(args)
+    if args.failover:
+        from bench import failover
+        return failover.main(args)
     if args.quick:
         args.events, args.duration, args.rounds = min(args.events, 50_000), 4, 1
     t0 = time.monotonic()

@@ -58,18 +58,16 @@ def test_a_worker_without_local_state_restores_it_in_bulk_and_scores_on_it(broke
 
 
 class Store:
-    """The parts of Faust's RocksDB store a restore writes: one database per partition, and the
-    persisted offset beside the values."""
+    """The parts of Faust's RocksDB store a restore writes: one database per partition, the
+    persisted offset beside the values under Faust's key."""
+
+    offset_key = b"__faust\x00offset__"
 
     def __init__(self, path) -> None:
         self.db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
-        self.persisted: dict = {}
 
     def _db_for_partition(self, partition: int):
         return self.db
-
-    def set_persisted_offset(self, tp, offset: int) -> None:
-        self.persisted[tp] = offset
 
 
 def test_a_restore_reads_from_the_persisted_offset_to_the_end_it_was_given(broker, tmp_path):
@@ -82,8 +80,23 @@ def test_a_restore_reads_from_the_persisted_offset_to_the_end_it_was_given(broke
     store = Store(tmp_path / "db")
     n = len(mine)
     done = asyncio.run(restore(broker.bootstrap, {tp: store}, {tp: n - 1}, {tp: 2 * n - 2}))
-    assert done == {tp: 2 * n - 2} and store.persisted == {tp: 2 * n - 2}
+    assert done == {tp: 2 * n - 2} and int(store.db[Store.offset_key]) == 2 * n - 2
     states = {u: orjson.loads(store.db[u.encode()])["state"]["events"] for u in mine[:-1]}
+    assert set(states) == set(mine[:-1]), "the keys of the second round only"
     assert set(states.values()) == {2}, "the second round, from after the persisted offset"
     assert mine[-1].encode() not in store.db, "nothing past the end it was given"
+    store.db.close()
+
+
+def test_a_rebalance_stops_a_restore_before_it_writes(broker, tmp_path):
+    import pytest
+
+    from app.kafka.restore import Aborted
+
+    asyncio.run(write(broker, [(f"q{i}", record(f"q{i}", 1, 0)) for i in range(20)]))
+    tp = TP(CHANGELOG, key_hash(b"q0") % 4)
+    store = Store(tmp_path / "db")
+    with pytest.raises(Aborted):
+        asyncio.run(restore(broker.bootstrap, {tp: store}, {tp: -1}, {tp: 3}, should_abort=lambda: True))
+    assert Store.offset_key not in store.db and not list(store.db.keys()), "nothing written"
     store.db.close()

@@ -5,6 +5,7 @@ session carries the signal that a nightly profile cannot.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from typing import Iterator
@@ -92,15 +93,25 @@ def simulate(n_users: int, days: float, seed: int, start_ms: int = 1_700_000_000
     return events
 
 
-def live(n_users: int, seed: int, now_ms) -> Iterator[dict]:
+def live(n_users: int, seed: int, now_ms, zipf: float = 0.0) -> Iterator[dict]:
     """Endless event stream for the generator: sessions of random users interleaved, stamped with
-    the current time when emitted (a user's events stay in order)."""
+    the current time when emitted (a user's events stay in order). Users are picked uniformly, or
+    with `zipf` > 0 as real shops see them: user k about k**-zipf as often as user 1."""
     rng = random.Random(seed)
     propensity = [min(0.95, max(0.02, rng.betavariate(1.5, 6))) for _ in range(n_users)]
+    if zipf > 0:
+        cumulative = list(itertools.accumulate((k + 1) ** -zipf for k in range(n_users)))
+        users = range(n_users)
+
+        def pick() -> int:
+            return rng.choices(users, cum_weights=cumulative)[0]
+    else:
+        def pick() -> int:
+            return rng.randrange(n_users)
     active: dict[int, list[dict]] = {}
     seq = 0
     while True:
-        u = rng.randrange(n_users)
+        u = pick()
         if not active.get(u):
             seq += 1
             active[u] = session(rng, f"u{u}", 0, propensity[u], seq)

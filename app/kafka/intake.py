@@ -39,6 +39,10 @@ from app.kafka.probes import LogProbe
 
 log = logging.getLogger(__name__)
 
+# A seek back that did not bring the records within this long is made again (a seek lands in
+# milliseconds; Faust swallows one made mid-rebalance). A failover waited a whole second for it.
+RESEEK_S = 0.25
+
 _sinks: dict[str, "RecordSink"] = {}  # topic name -> the sink of the agent that reads it
 
 
@@ -253,8 +257,8 @@ class OffsetGuard:
 
     A hole shows only when a later record arrives; records the intake dropped at the end of what a
     partition has (`RecordSink.drop`) have none after them. So the guard keeps, per partition, the
-    last offset known to exist beyond what it admitted (`missing`), and `refetch` seeks back, once a
-    second, until the records up to it have been admitted.
+    last offset known to exist beyond what it admitted (`missing`), and `refetch` seeks back, every
+    RESEEK_S, until the records up to it have been admitted.
     """
 
     def __init__(self, consumer, probe: LogProbe | None = None) -> None:
@@ -362,16 +366,19 @@ class OffsetGuard:
         return False
 
     async def _rewind(self, tp, expected: int, found: int) -> None:
-        # Seek again if the last seek did not bring the records back within a second: Faust
+        # Seek again if the last seek did not bring the records back within RESEEK_S: Faust
         # swallows a seek that fails mid-rebalance, and a partition must never stay stuck.
         now = time.monotonic()
-        if now - self.sought.get(tp, (0.0, None))[0] <= 1.0:
+        if now - self.sought.get(tp, (0.0, None))[0] <= RESEEK_S:
             return
         self.sought[tp] = (now, expected)
         log.warning("records %s..%s of %s went missing in the consumer; fetching them again",
                     expected, found - 1, tp)
         try:
-            await self.consumer.seek(tp, expected)
+            # On the consumer's own thread: Faust's `seek` changes aiokafka's fetcher from the
+            # caller's thread, racing the fetch under way there (seen: KeyError in
+            # `Fetcher.fetched_records`, the Fetcher service crashed and the worker stopped).
+            await self.consumer.seek_wait({tp: expected})
         except Exception as exc:  # not assigned any more: the next owner reads them
             log.warning("seek of %s to %s failed: %r", tp, expected, exc)
 
@@ -404,7 +411,7 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
                     await sink.wait(due)
                 if not sink.chunks:
                     await writer.flush()
-        chunks = await sink.take(max_n, timeout=1.0 if guard.pending() else None)
+        chunks = await sink.take(max_n, timeout=RESEEK_S if guard.pending() else None)
         await app.flow_control.acquire()  # returns at once unless a rebalance/recovery is under way
         generation = app.consumer_generation_id
         assigned = consumer.assignment()

@@ -10,14 +10,16 @@ partition's end (`_build_highwaters`) and then where its local store is (`_build
 persisted offset that the store keeps beside its values). Installed, `_build_offsets` of the active
 partitions of our tables first reads every record between the two with a consumer of its own
 (no group, large fetches), writes them to the partition's RocksDB in write batches (the newest value
-per key wins; a null value deletes), and stores the last offset read as the persisted offset, as
-Faust's own `apply_changelog_batch` does. Faust then finds nothing, or the few records written in
-the meantime, left to read, and goes on as usual (standbys keep Faust's path: they follow the
-changelog as it grows). A failure here leaves the persisted offset where the records written so far
-end, and Faust's own recovery reads the rest.
+per key wins; a null value deletes), each batch with the persisted offset of its last record, in
+Faust's own key and format. Faust then finds nothing, or the few records written in the meantime,
+left to read, and goes on as usual (standbys keep Faust's path: they follow the changelog as it
+grows, and do not hold up /ready). Whatever stops the restore (a failure, a rebalance, half of
+Faust's own timeout for this step) leaves a persisted offset that matches the values written, and
+Faust's own recovery reads the rest.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -29,77 +31,91 @@ from app import security
 
 log = logging.getLogger(__name__)
 
-FETCH_BYTES = 64 << 20  # per fetch, and per partition of a fetch: a restore reads megabytes at a time
-WRITE_EVERY = 50_000  # records per RocksDB write batch (and persisted offset update)
-STALL_S = 10.0
+FETCH_BYTES = 8 << 20  # per partition of a fetch (64 MB per fetch): more did not read faster
+WRITE_EVERY = 20_000  # records per RocksDB write batch of a partition, with its persisted offset
 
 _build_offsets = faust_recovery.Recovery._build_offsets
 
 
-async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict) -> dict:
+class Aborted(Exception):
+    """A rebalance came: the store may have dropped the partition's database; stop writing."""
+
+
+async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadline_s: float = 45.0,
+                  should_abort=lambda: False) -> dict:
     """Read each changelog partition `tp` of `stores` (tp -> the table's store) from `starts[tp] + 1`
-    through `ends[tp]` into its store; returns tp -> the last offset written."""
-    todo = {tp: (starts[tp] + 1, ends[tp]) for tp in stores if ends.get(tp) is not None and ends[tp] > starts[tp]}
+    through `ends[tp]` into its store, each write batch carrying the persisted offset of its last
+    record (values and offset land together); returns tp -> the persisted offset now stored. Stops
+    at `deadline_s` with what was written (Faust reads the rest) and raises `Aborted` when
+    `should_abort()` says a rebalance came."""
+    todo = {TopicPartition(*tp): tp for tp in stores if ends.get(tp) is not None and ends[tp] > starts[tp]}
     if not todo:
         return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
-                                fetch_max_bytes=FETCH_BYTES, max_partition_fetch_bytes=FETCH_BYTES,
-                                max_poll_records=WRITE_EVERY, isolation_level="read_uncommitted",
-                                **security.client_kwargs())
+                                fetch_max_bytes=8 * FETCH_BYTES, max_partition_fetch_bytes=FETCH_BYTES,
+                                auto_offset_reset="earliest",  # a start below the log start: from the start
+                                isolation_level="read_uncommitted", **security.client_kwargs())
     await consumer.start()
     done: dict = {}
     try:
-        targets = {TopicPartition(tp.topic, tp.partition): tp for tp in todo}
-        consumer.assign(list(targets))
-        for target, tp in targets.items():
-            consumer.seek(target, todo[tp][0])
-        open_tps = set(targets)
-        batches: dict = {}
-        pending = 0
-        last_progress = time.monotonic()
-        while open_tps:
-            fetched = await consumer.getmany(*open_tps, timeout_ms=1000)
-            if not fetched:
-                if time.monotonic() - last_progress > STALL_S:
-                    log.warning("bulk restore: nothing came for %.0f s from %s; Faust's recovery reads the rest",
-                                STALL_S, sorted(open_tps))
-                    break
-                continue
-            last_progress = time.monotonic()
+        consumer.assign(list(todo))
+        for target, tp in todo.items():
+            consumer.seek(target, starts[tp] + 1)
+        batches = {target: rocksdict.WriteBatch(raw_mode=True) for target in todo}
+        pending = dict.fromkeys(todo, 0)
+        last: dict = {}
+        deadline = time.monotonic() + deadline_s
+
+        def write(target, offset: int) -> None:
+            if should_abort():
+                raise Aborted()
+            tp, store = todo[target], stores[todo[target]]
+            batch = batches[target]
+            batch.put(store.offset_key, str(offset).encode())  # as Store.set_persisted_offset writes it
+            store._db_for_partition(tp.partition).write(batch)
+            done[tp] = offset
+            batches[target], pending[target] = rocksdict.WriteBatch(raw_mode=True), 0
+
+        open_tps = set(todo)
+        while open_tps and time.monotonic() < deadline:
+            fetched = await consumer.getmany(*open_tps, timeout_ms=500)
             for target, records in fetched.items():
-                tp = targets[target]
-                last_wanted = todo[tp][1]
-                batch = batches.get(tp)
-                if batch is None:
-                    batch = batches[tp] = rocksdict.WriteBatch(raw_mode=True)
+                end = ends[todo[target]]
+                batch = batches[target]
+                n = 0
                 for r in records:
-                    if r.offset > last_wanted:
+                    if r.offset > end:
                         break
                     if r.value is None:
                         batch.delete(r.key)
                     else:
                         batch.put(r.key, r.value)
-                    done[tp] = r.offset
-                    pending += 1
-                if done.get(tp, -1) >= last_wanted or records[-1].offset >= last_wanted:
+                    last[target] = r.offset
+                    n += 1
+                pending[target] += n
+                if pending[target] >= WRITE_EVERY:
+                    write(target, last[target])
+            for target in list(open_tps):
+                # the position passes the end also when the log ends in control records
+                if await consumer.position(target) > ends[todo[target]]:
+                    write(target, ends[todo[target]])
                     open_tps.discard(target)
-            if pending >= WRITE_EVERY:
-                _write(stores, batches, done)
-                batches, pending = {}, 0
-        _write(stores, batches, done)
+        for target in open_tps:  # the deadline: keep what was read, Faust reads the rest
+            if pending[target]:
+                write(target, last[target])
+        if open_tps:
+            log.warning("bulk restore: %d partition(s) not restored within %.0f s; Faust's recovery reads the rest",
+                        len(open_tps), deadline_s)
         return done
     finally:
-        await consumer.stop()
-
-
-def _write(stores: dict, batches: dict, done: dict) -> None:
-    """Values first, then the offset they reach: a crash in between reads those records again."""
-    for tp, batch in batches.items():
-        if tp not in done:
-            continue
-        store = stores[tp]
-        store._db_for_partition(tp.partition).write(batch)
-        store.set_persisted_offset(tp, done[tp])
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's stop can leak its own coordinator task's cancellation: pass on only a
+            # cancellation of this task (a new rebalance, from Faust's recovery)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
 
 
 _installed = False
@@ -115,21 +131,37 @@ def install(bootstrap: str, is_ours) -> None:
 
     async def build_offsets(self, consumer, tps, destination, title):
         if title == "active":
-            stores = {tp: self.tp_to_table[tp].data for tp in tps if is_ours(self.tp_to_table.get(tp))}
-            starts = {tp: -1 if destination[tp] is None else destination[tp] for tp in stores}
-            t0 = time.monotonic()
             try:
-                done = await restore(bootstrap, stores, starts, dict(self.active_highwaters))
-            except Exception as exc:  # Faust's own recovery reads what is left
+                await restore_actives(self, bootstrap, is_ours, tps, destination)
+            except Exception as exc:  # never fatal: an exception here would end Faust's recovery
                 log.warning("bulk restore stopped (%r); Faust's recovery reads the rest", exc)
-                done = {}
-            if done:
-                for tp, offset in done.items():
-                    destination[tp] = offset
-                n = sum(offset - starts[tp] for tp, offset in done.items())
-                seconds = time.monotonic() - t0
-                log.info("restored %d changelog records of %d partitions in %.2f s (%.0f/s)", n, len(done), seconds,
-                         n / max(seconds, 1e-9))
         return await _build_offsets(self, consumer, tps, destination, title)
 
     faust_recovery.Recovery._build_offsets = build_offsets
+
+
+async def restore_actives(recovery, bootstrap: str, is_ours, tps, destination) -> None:
+    app = recovery.app
+    stores = {tp: recovery.tp_to_table[tp].data for tp in tps if is_ours(recovery.tp_to_table.get(tp))}
+    starts = {tp: -1 if destination[tp] is None else destination[tp] for tp in stores}
+    generation, rebalances = app.consumer_generation_id, app.rebalancing_count
+
+    def rebalanced() -> bool:
+        return (app.consumer_generation_id != generation or app.rebalancing_count != rebalances
+                or recovery.signal_recovery_start.is_set())
+
+    t0 = time.monotonic()
+    try:
+        # within Faust's own timeout for this step (broker_request_timeout), which would end recovery
+        done = await restore(bootstrap, stores, starts, dict(recovery.active_highwaters),
+                             deadline_s=0.5 * float(app.conf.broker_request_timeout), should_abort=rebalanced)
+    except Aborted:
+        log.info("bulk restore stopped by a rebalance after %.1f s", time.monotonic() - t0)
+        return
+    if done:
+        for tp, offset in done.items():
+            destination[tp] = offset
+        n = sum(offset - starts[tp] for tp, offset in done.items())
+        seconds = time.monotonic() - t0
+        log.info("restored %d changelog records of %d partitions in %.2f s (%.0f/s)", n, len(done), seconds,
+                 n / max(seconds, 1e-9))

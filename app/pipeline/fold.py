@@ -43,6 +43,9 @@ class Item:
         self.outgoing = None  # the output record to publish
 
     def fail(self, stage: str, error: BaseException, attempts: int = 1) -> None:
+        # A dead letter keeps the error's class and message. Its traceback would keep the frames
+        # that raised it, and through their locals the whole batch, in a cycle with this item.
+        error.__traceback__ = error.__context__ = error.__cause__ = None
         self.stage, self.error, self.attempts = stage, error, attempts
 
     @property

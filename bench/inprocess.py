@@ -33,14 +33,11 @@ def records(pipeline, n: int, users: int, partitions: int, zipf: float = 0.0) ->
     import itertools
 
     from app.kafka.producer import key_hash
-    from training import cart_sim, fraud_sim
+    from bench.common import simulated
 
     clock = itertools.count(1_700_000_000_000, 7)
-    now = lambda: next(clock)  # noqa: E731
-    stream = cart_sim.live(users, 1, now, zipf) if pipeline.name == "cart" else fraud_sim.live(users, 1, now)
     out, offsets = [], [0] * partitions
-    for i, e in enumerate(itertools.islice(stream, n)):
-        e[pipeline.id_field] = f"e{i}"
+    for e in simulated(pipeline.name, n, users, 1, "e", ts_ms=lambda: next(clock), zipf=zipf):
         key = e[pipeline.key_field].encode()
         p = key_hash(key) % partitions
         out.append(ConsumerRecord(pipeline.source_topic, p, offsets[p], key, orjson.dumps(e), []))

@@ -22,12 +22,11 @@ from datetime import datetime
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from app.dev.broker import EmbeddedBroker
 from app.pipelines import configured
-from bench.common import PARTITIONS, RESULTS, Worker, create_topics, say, simulated
+from bench.common import PARTITIONS, RESULTS, Worker, create_topics, say, send_all, simulated
 from domain import session
 
 CHANGELOG = "scoring-user_sessions-changelog"
@@ -37,13 +36,12 @@ _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 async def write_changelog(bootstrap: str, users: int, applied: bool = True) -> int:
     """One record per user, as the worker writes it after that user's first event (with `applied`,
     at offset <user number> of its partition: events of the input at lower offsets are replays)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
+    cart = configured()["cart"]
+    events = simulated("cart", min(users, 50_000), users, 5, "r")
     size = 0
-    try:
-        futs = []
-        cart = configured()["cart"]
-        events = simulated("cart", min(users, 50_000), users, 5, "r")
+
+    def records():
+        nonlocal size
         for i in range(users):
             user = f"u{i}"
             e = {**events[i % len(events)], "user_id": user}
@@ -54,13 +52,9 @@ async def write_changelog(bootstrap: str, users: int, applied: bool = True) -> i
             value = orjson.dumps({"state": cart.apply(session.new_state(), e),
                                   "applied": {f"cart_events:{partition}": i} if applied else {}})
             size += len(value)
-            futs.append(await producer.send(CHANGELOG, value, key=key, partition=partition))
-            if len(futs) >= 20_000:
-                await asyncio.gather(*futs)
-                futs = []
-        await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
+            yield key, value, partition
+
+    await send_all(bootstrap, CHANGELOG, records())
     return size
 
 

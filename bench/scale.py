@@ -35,6 +35,7 @@ from bench.common import (
     latency_stats,
     latency_step,
     proc_status,
+    produce_all,
     say,
     simulated,
 )
@@ -42,24 +43,6 @@ from bench.recovery import CHANGELOG, write_changelog
 
 ZIPF = 1.0
 RATE = 2000
-
-
-async def produce_raw(bootstrap: str, topic: str, events: list[dict]) -> None:
-    """Keyed by user, as a shop using Kafka's default partitioner would; every ack awaited."""
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1)
-    await producer.start()
-    try:
-        futs = []
-        for e in events:
-            futs.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
-            if len(futs) >= 20_000:
-                await asyncio.gather(*futs)
-                futs = []
-        await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
 
 
 def disk_bytes(path: Path) -> int:
@@ -86,7 +69,7 @@ async def one(users: int, events: int, duration: float) -> dict:
         reader = Reader(broker.bootstrap, "personalization_scores", None, current().fetch_wait_ms)
         await reader.start()
         try:
-            await produce_raw(broker.bootstrap, "cart_events", load)
+            await produce_all(broker.bootstrap, "cart_events", load, progress=False)
             drained = await drain(reader, events, f"{users:,} users")
         finally:
             await reader.stop()

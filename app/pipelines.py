@@ -35,8 +35,10 @@ class Pipeline:
     feature_names: tuple[str, ...]
     # (event, state after, score, reasons) -> output fields beyond the common ones
     output: Callable[[dict, dict, float, list | None], dict]
-    # how many top contributions to report per output (0: do not compute them)
+    # how many top contributions to report per output (0: do not compute them), and the lowest score
+    # whose output carries them: TreeSHAP costs hundreds of times the prediction itself
     reasons: int = 0
+    reasons_at: float = 0.0
     # score -> the decision it makes, for a pipeline that decides (fraud: approve / review / decline)
     decide: Callable[[float], str] | None = None
 
@@ -131,6 +133,7 @@ def define(settings) -> dict[str, Pipeline]:
         feature_names=card.FEATURE_NAMES,
         output=partial(_fraud_output, decide_fraud),
         reasons=3,
+        reasons_at=settings.fraud_review_at if settings.fraud_reasons == "flagged" else 0.0,
         decide=decide_fraud,
     )
     defined = {cart.name: cart, fraud.name: fraud}

@@ -80,6 +80,8 @@ def test_one_decision_per_transaction_reasons_and_offline_equality(broker, worke
         assert o["decision"] == fraud_decision(o["score"], 0.5, 0.85)  # FRAUD_REVIEW_AT, FRAUD_DECLINE_AT
         assert len(o["reasons"]) <= FRAUD.reasons
         assert all(r["feature"] in FRAUD.feature_names and r["contribution"] > 0 for r in o["reasons"])
+        # FRAUD_REASONS=flagged: a review or a decline says why, an approval does not
+        assert bool(o["reasons"]) == (o["decision"] != "approve"), o
 
     # ordinary habits are approved
     assert [by_id[t["txn_id"]]["decision"] for t in normal + victim] == ["approve"] * len(normal + victim)

@@ -31,7 +31,7 @@ DEFAULTS = {
     "COMMIT_INTERVAL_S": ("commit_interval_s", 1.0), "BROKER_REBALANCE_TIMEOUT": ("rebalance_timeout_s", 3.0),
     "BROKER_SESSION_TIMEOUT": ("session_timeout_s", 6.0), "BROKER_HEARTBEAT_INTERVAL": ("heartbeat_s", 1.0),
     "FRAUD_REVIEW_AT": ("fraud_review_at", 0.5), "FRAUD_DECLINE_AT": ("fraud_decline_at", 0.85),
-    "FAULT_FILE": ("fault_file", ""), "AUTO_OFFSET_RESET": ("auto_offset_reset", "earliest"),
+    "FRAUD_REASONS": ("fraud_reasons", "flagged"), "FAULT_FILE": ("fault_file", ""), "AUTO_OFFSET_RESET": ("auto_offset_reset", "earliest"),
     "LOG_FORMAT": ("log_format", "text"), "WEB_ADVERTISED_HOST": ("web_advertised_host", ""),
     # topic names, settings since issue 17, with the names they had as constants
     "CART_INPUT_TOPIC": ("cart_input_topic", "cart_events"),

@@ -29,7 +29,8 @@ class Scoring:
         self._shadow_warned = 0.0
 
     async def __call__(self, items: list[Item], model) -> None:
-        """Set `score` (and `reasons`) of every item, or fail it; `model` is an `app.models.Scorer`."""
+        """Set `score` of every item, or fail it, and `reasons` of those scored at least
+        `pipeline.reasons_at`; `model` is an `app.models.Scorer`."""
         t0 = time.perf_counter()
         p = self.pipeline
         rows = self._rows(items)
@@ -52,7 +53,7 @@ class Scoring:
                 it.fail("score", last, attempts=self.policy.attempts_max)
             return
         self.m.score_seconds.observe(time.perf_counter() - t0)
-        contributions = self._contributions(items, rows, model) if p.reasons else None
+        explain = []
         for i, (it, score) in enumerate(zip(items, scores.tolist())):
             if not it.ok:
                 continue
@@ -60,8 +61,13 @@ class Scoring:
                 it.fail("score", ValueError(f"model returned {score!r}"))
                 continue
             it.score = score
-            if contributions is not None:
-                it.reasons = self._reasons(contributions[i])
+            if p.reasons and score >= p.reasons_at:
+                explain.append(i)
+        if explain:
+            explained = [items[i] for i in explain]
+            for it, contrib in zip(explained, self._contributions(explained, rows[explain], model)):
+                if it.ok:
+                    it.reasons = self._reasons(contrib)
 
     def shadow(self, items: list[Item], challenger) -> None:
         """The challenger's score of each scored item, on the same rows: it decides nothing, and

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 # milliseconds; Faust swallows one made mid-rebalance). A failover waited a whole second for it.
 RESEEK_S = 0.25
 
+# The longest the fetch loop waits before it looks at which partitions are active again. Faust
+# waits up to a second: asleep when it finds every partition paused, as at the end of a recovery,
+# or for records of the partitions that were active when the wait began. The partitions resumed
+# meanwhile waited for it: the last second of a failover.
+POLL_S = 0.05
+
 _sinks: dict[str, "RecordSink"] = {}  # topic name -> the sink of the agent that reads it
 
 
@@ -173,7 +179,12 @@ _wait_next_records = faust_consumer.Consumer._wait_next_records
 
 
 async def _wait_next_records_into_sinks(self, timeout: float):
-    records, active = await _wait_next_records(self, timeout)
+    if not self.flow_active:
+        await self.wait(self.can_resume_flow)
+    if not self.app.client_only and not self._get_active_partitions():
+        await self.sleep(POLL_S)
+        return {}, set()
+    records, active = await _wait_next_records(self, min(timeout, POLL_S))
     if records:
         for tp in [tp for tp in records if tp.topic in _sinks]:
             fetched = records.pop(tp)
@@ -188,7 +199,8 @@ async def _wait_next_records_into_sinks(self, timeout: float):
 
 
 def install() -> None:
-    """Take the intake topics' records out of each fetch (`Consumer.getmany` delivers the rest)."""
+    """Take the intake topics' records out of each fetch (`Consumer.getmany` delivers the rest), and
+    look at the active partitions again every POLL_S."""
     faust_consumer.Consumer._wait_next_records = _wait_next_records_into_sinks
 
 

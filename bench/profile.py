@@ -1,6 +1,7 @@
 """Profile the worker while it drains pre-produced input (needs py-spy: `pip install py-spy`).
 
   python -m bench.profile [--events 100000] [--seconds 15] [--out profile]
+  python -m bench.profile --users 1000000 --zipf 1 --state --delay 1 --seconds 5   (as make bench-scale)
 
 Writes <out>.txt (collapsed stacks, for grep or a flame-graph tool) and prints the functions with
 the most samples, inclusive and by leaf.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from app.dev.broker import EmbeddedBroker
 from bench.common import Worker, create_topics, produce_all, say, simulated
+from bench.recovery import CHANGELOG, write_changelog
 
 
 def top(collapsed: Path, n: int = 40) -> str:
@@ -43,10 +45,13 @@ async def run(args) -> None:
     broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
     worker = None
     try:
-        await create_topics(broker.bootstrap, ["cart_events", "personalization_scores"])
-        await produce_all(broker.bootstrap, "cart_events", simulated("cart", args.events, 10_000, 1, "p"))
-        worker = Worker(broker.url, workdir).start()
-        await worker.ready()
+        await create_topics(broker.bootstrap, ["cart_events", "personalization_scores", CHANGELOG])
+        if args.state:  # every user has a state, restored before the drain
+            await write_changelog(broker.bootstrap, args.users, applied=False)
+        await produce_all(broker.bootstrap, "cart_events",
+                          simulated("cart", args.events, args.users, 1, "p", zipf=args.zipf))
+        worker = Worker(broker.url, workdir, env={"PIPELINES": "cart"} if args.state else None).start()
+        await worker.ready(300)
         await asyncio.sleep(args.delay)  # group join, then steady draining
         say(f"recording {args.seconds} s of worker pid {worker.pid}")
         py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
@@ -69,6 +74,10 @@ def main() -> None:
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--out", default="profile")
     p.add_argument("--all-threads", action="store_true", help="every running thread, not only the GIL holder")
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--zipf", type=float, default=0.0, help="users picked Zipf-like (user k about k**-s as often)")
+    p.add_argument("--state", action="store_true",
+                   help="every user has a state in the changelog, as in make bench-scale (a cart-only worker)")
     asyncio.run(run(p.parse_args()))
 
 

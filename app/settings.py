@@ -258,7 +258,7 @@ class Settings(BaseSettings):
     fraud_review_at: float = _var("FRAUD_REVIEW_AT", 0.5, ge=0, le=1)
     fraud_decline_at: float = _var("FRAUD_DECLINE_AT", 0.85, ge=0, le=1)
     # Which decisions carry their reasons: `flagged` (review and decline, the ones a person reads) or
-    # `all`. Explaining every approval costs about 1 ms per transaction (docs/fraud.md).
+    # `all`. Explaining every approval costs about 0.75 ms per transaction (docs/fraud.md).
     fraud_reasons: Literal["flagged", "all"] = _var("FRAUD_REASONS", "flagged")
     # Fault injection for failure tests and drills (see app/dev/faults.py); empty = off.
     fault_file: str = _var("FAULT_FILE", "")

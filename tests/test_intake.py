@@ -322,7 +322,7 @@ class FetchingConsumer:
         self.app = type("App", (), {"client_only": False})()
         self._active_partitions = None
         self._paused_partitions = set(paused)
-        self.not_waiting_next_records = asyncio.Event()
+        self.not_waiting_next_records = asyncio.Event()  # Faust's loop sets it
         self.slept: list = []
         self.waited: list = []
 

@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from app import metrics
 from app.dev.inprocess import ConsumerRecord
 from app.models.scorer import Scorer
 from app.pipeline.fold import Item
@@ -18,21 +19,6 @@ from app.settings import Settings
 from tests.harness import MODEL_DIR
 from training import fraud_sim
 from training.train import replay
-
-
-class _Unobserved:
-    def observe(self, _value) -> None:
-        pass
-
-    def labels(self, *_names):
-        return self
-
-    def inc(self) -> None:
-        pass
-
-
-class _Metrics:
-    score_seconds = retries = _Unobserved()
 
 
 class CountingScorer(Scorer):
@@ -56,7 +42,7 @@ def scored(monkeypatch, reasons: str):
         it.features = tuple(row)
         items.append(it)
     model = CountingScorer(MODEL_DIR / "fraud", fraud.feature_names)
-    asyncio.run(Scoring(fraud, RetryPolicy(), _Metrics())(items, model))
+    asyncio.run(Scoring(fraud, RetryPolicy(), metrics.for_pipeline(fraud.name))(items, model))
     return fraud, rows, items, model
 
 

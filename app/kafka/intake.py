@@ -175,16 +175,18 @@ def sink_for(app, topic, capacity: int, capacity_bytes: int = 64 << 20) -> Recor
     return sink
 
 
-_wait_next_records = faust_consumer.Consumer._wait_next_records
-
-
 async def _wait_next_records_into_sinks(self, timeout: float):
+    """Faust's `Consumer._wait_next_records`, waiting at most POLL_S, with the intake topics'
+    records put into their sinks."""
     if not self.flow_active:
         await self.wait(self.can_resume_flow)
-    if not self.app.client_only and not self._get_active_partitions():
+    # Faust's own set, which it updates in place: a partition paused while the fetch is under way
+    # is seen below
+    active = None if self.app.client_only else self._get_active_partitions()
+    if active is not None and not active:
         await self.sleep(POLL_S)
-        return {}, set()
-    records, active = await _wait_next_records(self, min(timeout, POLL_S))
+        return {}, active
+    records = await self._getmany(active_partitions=active, timeout=min(timeout, POLL_S))
     if records:
         for tp in [tp for tp in records if tp.topic in _sinks]:
             fetched = records.pop(tp)

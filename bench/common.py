@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -285,6 +286,33 @@ def proc_status(pid: int) -> dict:
                 out[k] = round(int(v.split()[0]) / 1024.0, 1)
     except FileNotFoundError:
         pass
+    return out
+
+
+def git_describe() -> dict:
+    """The commit measured, and whether the code under measurement had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app", "domain", "agents"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except OSError:
+        return {}
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of a process so far, per thread name (threads of one name summed;
+    the main thread is "main")."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name, rest = task.joinpath("stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended
+        name = "main" if task.name == str(pid) else name
+        fields = rest.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ from bench.common import (
     cpu_seconds,
     create_topics,
     drain,
+    git_describe,
     helper,
     latency_step,
     pooled,
@@ -58,6 +58,7 @@ from bench.common import (
     say,
     simulated,
 )
+from bench.scale import DEFAULT_EVENTS as SCALE_EVENTS, DEFAULT_USERS as SCALE_USERS
 
 RATES = (500, 1000, 2000, 5000)
 
@@ -405,17 +406,6 @@ def save(result: dict) -> Path:
     return path
 
 
-def git_describe() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app", "domain", "agents"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
-    except OSError:
-        return {}
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=int(os.environ.get("BENCH_EVENTS", 200_000)))
@@ -436,10 +426,12 @@ def main(argv=None) -> None:
     p.add_argument("--failover", action="store_true", help="run the standby failover timing instead (bench/failover.py)")
     p.add_argument("--failover-rounds", type=int, default=3, help="failover: SIGKILLs, each on a fresh broker")
     p.add_argument("--scale", action="store_true", help="run how cost grows with users instead (bench/scale.py)")
-    p.add_argument("--scale-users", default="10000,100000,1000000", help="scale: user counts, comma-separated")
-    p.add_argument("--scale-events", type=int, default=200_000, help="scale: events drained per size")
+    p.add_argument("--scale-users", default=SCALE_USERS, help="scale: user counts, comma-separated")
+    p.add_argument("--scale-events", type=int, default=SCALE_EVENTS, help="scale: events drained per size")
+    p.add_argument("--scale-rounds", type=int, default=3, help="scale: rounds of all sizes; medians reported")
     args = p.parse_args(argv)
     args.worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.backpressure:
         from bench import backpressure
         return backpressure.main(args)

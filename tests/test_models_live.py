@@ -172,10 +172,12 @@ def test_a_challenger_scores_in_shadow_and_is_judged_on_labels_that_come_back(br
     labels = [(None, orjson.dumps({"txn_id": o["txn_id"], "label": i % 2})) for i, o in enumerate(out)]
     labels += [(None, b"{bad"), (None, orjson.dumps({"txn_id": "never-scored", "label": 1}))]
     asyncio.run(send(broker, labels, topic="fraud_labels"))
-    models = wait_until(lambda: (m := get_json(w.url, "/stats")["pipelines"]["fraud"]["models"])["labelled"] == len(out)
-                        and m, 30, "labels matched")
+    # keyless labels land on any partition, so the last two may be counted after the matched ones
+    counted = {"matched": len(out), "invalid": 1, "unmatched": 1}
+    models = wait_until(lambda: (m := get_json(w.url, "/stats")["pipelines"]["fraud"]["models"])["labels"] == counted
+                        and m, 30, "labels counted")
+    assert models["labelled"] == len(out)
     assert models["challenger"] == other and models["champion_auc"] is not None and models["challenger_auc"] is not None
-    assert models["labels"] == {"matched": len(out), "invalid": 1, "unmatched": 1}
     assert sum(models["shadow_decisions"].values()) == len(out)
     assert models["shadow_score_buckets"][-1][1] == len(out)
 

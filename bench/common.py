@@ -301,28 +301,32 @@ def git_describe() -> dict:
         return {}
 
 
+def _stat_cpu(stat: Path) -> tuple[str, float] | None:
+    """(name, user + system CPU seconds) from a /proc stat file; None once the process or thread ended."""
+    try:
+        name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = rest.split()
+    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its ended threads included)."""
+    stat = _stat_cpu(Path(f"/proc/{pid}/stat"))
+    return 0.0 if stat is None else stat[1]
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU seconds of a process so far, per thread name (threads of one name summed;
     the main thread is "main")."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            name, rest = task.joinpath("stat").read_text().split(" (", 1)[1].rsplit(")", 1)
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended
-        name = "main" if task.name == str(pid) else name
-        fields = rest.split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stat = _stat_cpu(task / "stat")
+        if stat is not None:
+            name = "main" if task.name == str(pid) else stat[0]
+            out[name] = out.get(name, 0.0) + stat[1]
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except FileNotFoundError:
-        return 0.0
 
 
 # -- phases ---------------------------------------------------------------------------------------

@@ -80,12 +80,12 @@ async def one(users: int, events: int, duration: float, worker_env: dict) -> dic
         await reader.start()
         try:
             # from before the produce: the worker starts on the first events while the rest arrive
-            cpu0 = {who: cpu_seconds(pid) for who, pid in (("worker", worker.pid), ("broker", broker.pid))}
+            pids = {"worker": worker.pid, "broker": broker.pid}
+            cpu0 = {who: cpu_seconds(pid) for who, pid in pids.items()}
             threads0 = thread_cpu_seconds(worker.pid)
             await produce_all(broker.bootstrap, "cart_events", load, progress=False)
             drained = await drain(reader, events, f"{users:,} users")
-            cpu_us = {who: round((cpu_seconds(pid) - cpu0[who]) / events * 1e6, 1)
-                      for who, pid in (("worker", worker.pid), ("broker", broker.pid))}
+            cpu_us = {who: round((cpu_seconds(pid) - cpu0[who]) / events * 1e6, 1) for who, pid in pids.items()}
             # the event loop, aiokafka's consumer thread, RocksDB's compactions and flushes
             cpu_us["worker_threads"] = {name: round((t - threads0.get(name, 0.0)) / events * 1e6, 1)
                                         for name, t in thread_cpu_seconds(worker.pid).items()}
@@ -200,12 +200,11 @@ def main(args) -> None:
             say(f"  {rounds[users][-1]}")
     results = [{**median_of(rounds[users]), "rounds": rounds[users]} for users in sizes]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    when = time.strftime("%Y%m%dT%H%M%S")
     # a run with worker settings or other sizes is kept beside the default one, not over it
     default = not args.worker_env and args.scale_users == DEFAULT_USERS and args.scale_events == DEFAULT_EVENTS
-    name = "scale-latest" if default else f"scale-{when}"
+    name = "scale-latest" if default else f"scale-{time.strftime('%Y%m%dT%H%M%S')}"
     (RESULTS / f"{name}.json").write_bytes(orjson.dumps(
-        {"when": when, "git": git_describe(), "command": " ".join(["python -m bench.run --scale", *args.argv]),
+        {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_describe(), "command": " ".join(["python -m bench.run --scale", *args.argv]),
          "worker_env": args.worker_env, "rounds": args.scale_rounds, "ratios": ratios(results),
          "results": results}, option=orjson.OPT_INDENT_2))
     if default:

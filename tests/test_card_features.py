@@ -7,6 +7,8 @@ import random
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from domain import card as c
 
@@ -83,6 +85,37 @@ def test_day_window_is_an_exponentially_decayed_sum():
     q = math.exp(-1 / 24)
     assert fs[-1]["txn_count_1d"] == pytest.approx((1 - q ** 240) / (1 - q), rel=1e-9)  # geometric series
     assert 24 <= fs[-1]["txn_count_1d"] <= 25
+
+
+def _velocity_by_walking_back(state: dict) -> tuple:
+    """The velocity features by their definition: from the newest ring entry back to the widest window."""
+    now, counts, sums, small = state["last_ts"], [0, 0, 0], [0.0, 0.0, 0.0], 0
+    for ts, a in zip(reversed(state["ring_ts"]), reversed(state["ring_amount"])):
+        age = now - ts
+        if age >= c.WINDOWS_MS[2]:
+            break
+        for w in range(3):
+            if age < c.WINDOWS_MS[w]:
+                counts[w] += 1
+                sums[w] += a
+        small += age < c.WINDOWS_MS[1] and a < c.SMALL_AMOUNT
+    return counts[0], sums[0], counts[1], sums[1], counts[2], sums[2], small / counts[1]
+
+
+# ms between transactions; sums of the sampled ones fall exactly on the windows' edges
+_GAPS_MS = st.sampled_from([0, 1, 20_000, 30_000, 59_999, 60_000, 300_000, 1_800_000]) | st.integers(0, 4_000_000)
+
+
+@given(st.lists(st.tuples(_GAPS_MS, st.floats(0.01, 1e7)), min_size=1, max_size=150))
+def test_velocity_is_what_a_walk_back_through_the_ring_gives_bit_for_bit(txns):
+    state, t_ms = c.new_state(), 0
+    for i, (gap, amount) in enumerate(txns):
+        t_ms += gap
+        txn = {**tx(i, 0, amount), "ts": T0 + t_ms}
+        state = c.apply(state, txn)
+        f = dict(zip(c.FEATURE_NAMES, c.features(state, txn)))
+        assert (f["txn_count_1m"], f["txn_amount_1m"], f["txn_count_10m"], f["txn_amount_10m"], f["txn_count_1h"],
+                f["txn_amount_1h"], f["small_share_10m"]) == _velocity_by_walking_back(state)
 
 
 def test_card_testing_share_of_small_amounts_in_ten_minutes():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, NotRequired, TypedDict, Union
 
 import msgspec
+import orjson
 
 from app.errors import Poison
 
@@ -71,11 +72,13 @@ class Schema:
         self.decoder = msgspec.json.Decoder(TypedDict(name, spec))
 
 
-# msgspec's encoder writes the same bytes as orjson for these values, and its result holds only its
-# own size. An orjson result kept alive held about 4 KB of heap (its first buffer, measured with
-# 200k kept outputs: 786 MB against 91 MB), and outputs are kept: until their delivery, and in the
-# web view's ring. Kept, msgspec was also twice as fast (1.2 vs 2.5 us per output).
-encode = msgspec.json.Encoder().encode
+def encode(value) -> bytes:
+    """JSON bytes of an output or a table value (str keys; ints within 64 bits, as validated)."""
+    # orjson writes floats in half msgspec's time (an output with its 20 features: 0.63 against
+    # 1.16 us), and floats are most of what is written. Its result keeps the buffer it grew in
+    # (200k kept outputs held 786 MB), and outputs are kept (until their delivery, in the web
+    # view's ring): the copy holds only its bytes (124 MB; msgspec's results 151 MB).
+    return memoryview(orjson.dumps(value)).tobytes()
 
 
 def decode(raw: bytes | None, schema: Schema, max_bytes: int, check: Check | None = None) -> dict:

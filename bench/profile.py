@@ -2,6 +2,7 @@
 
   python -m bench.profile [--events 100000] [--seconds 15] [--out profile]
   python -m bench.profile --users 1000000 --zipf 1 --state --delay 1 --seconds 5   (as make bench-scale)
+  python -m bench.profile --pipeline fraud   (a fraud-only worker draining transactions)
 
 Writes <out>.txt (collapsed stacks, for grep or a flame-graph tool) and prints the functions with
 the most samples, inclusive and by leaf.
@@ -19,6 +20,9 @@ from pathlib import Path
 from app.dev.broker import EmbeddedBroker
 from bench.common import Worker, create_topics, produce_all, say, simulated
 from bench.recovery import CHANGELOG, write_changelog
+
+TOPICS = {"cart": ("cart_events", "personalization_scores"), "fraud": ("transactions", "fraud_decisions")}
+KEY_FIELDS = {"cart": "user_id", "fraud": "card_id"}
 
 
 def top(collapsed: Path, n: int = 40) -> str:
@@ -45,12 +49,15 @@ async def run(args) -> None:
     broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
     worker = None
     try:
-        await create_topics(broker.bootstrap, ["cart_events", "personalization_scores", CHANGELOG])
+        source, output = TOPICS[args.pipeline]
+        await create_topics(broker.bootstrap, [source, output, CHANGELOG])
         if args.state:  # every user has a state, restored before the drain
             await write_changelog(broker.bootstrap, args.users, applied=False)
-        await produce_all(broker.bootstrap, "cart_events",
-                          simulated("cart", args.events, args.users, 1, "p", zipf=args.zipf))
-        worker = Worker(broker.url, workdir, env={"PIPELINES": "cart"} if args.state else None).start()
+        await produce_all(broker.bootstrap, source,
+                          simulated(args.pipeline, args.events, args.users, 1, "p", zipf=args.zipf),
+                          key_field=KEY_FIELDS[args.pipeline])
+        alone = args.state or args.pipeline != "cart"
+        worker = Worker(broker.url, workdir, env={"PIPELINES": args.pipeline} if alone else None).start()
         await worker.ready(300)
         await asyncio.sleep(args.delay)  # group join, then steady draining
         say(f"recording {args.seconds} s of worker pid {worker.pid}")
@@ -68,6 +75,8 @@ async def run(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--pipeline", choices=sorted(TOPICS), default="cart",
+                   help="whose events to drain; fraud runs a fraud-only worker")
     p.add_argument("--events", type=int, default=150_000)
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--delay", type=float, default=6)
@@ -78,7 +87,10 @@ def main() -> None:
     p.add_argument("--zipf", type=float, default=0.0, help="users picked Zipf-like (user k about k**-s as often)")
     p.add_argument("--state", action="store_true",
                    help="every user has a state in the changelog, as in make bench-scale (a cart-only worker)")
-    asyncio.run(run(p.parse_args()))
+    args = p.parse_args()
+    if args.state and args.pipeline != "cart":
+        p.error("--state restores cart users' states: only with --pipeline cart")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

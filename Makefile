@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 MODEL_DIR ?= models
 export MODEL_DIR
 
-.PHONY: run test fuzz chaos model bench bench-backpressure bench-recovery bench-scale bench-failover broker install browser promtool stunnel clean
+.PHONY: run test fuzz chaos model bench bench-backpressure bench-recovery bench-scale bench-failover bench-standby broker install browser promtool stunnel clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -65,6 +65,9 @@ bench-scale: model
 
 bench-failover: model
 	$(PY) -m bench.run --failover
+
+bench-standby: model
+	$(PY) -m bench.run --standby
 
 clean:
 	rm -rf $(VENV) data models test-artifacts

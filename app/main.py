@@ -21,7 +21,7 @@ import faust
 
 from agents import dead_letters, scoring
 from app import gc_policy, logs, metrics, security, web
-from app.kafka import broadcast, intake, patches, records, restore, store
+from app.kafka import broadcast, intake, patches, records, restore, standby, store
 from app.kafka.producer import BatchProducer
 from app.models.live import LiveModels, ModelControl
 from app.models.quality import ShadowQuality
@@ -139,7 +139,9 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
                     settings.rocksdb_block_cache_mb)
     intake.install()
     records.install()
-    restore.install(bootstrap_servers(settings.broker_url), lambda table: isinstance(table, store.GatedTable))
+    ours = lambda table: isinstance(table, store.GatedTable)  # noqa: E731
+    restore.install(bootstrap_servers(settings.broker_url), ours)
+    standby.install(bootstrap_servers(settings.broker_url), ours)
 
     app = faust_app(settings)
     topology = Topology.from_settings(settings)

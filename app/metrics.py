@@ -47,6 +47,10 @@ BATCH = Histogram("scoring_batch_events", "Events per micro-batch", ["pipeline"]
 TABLE_KEYS = Gauge("scoring_table_keys", "Keys held on this worker", ["table"], registry=registry)
 LAG = Gauge("scoring_consumer_lag_records", "Records behind the end of the partition", ["topic", "partition"],
             registry=registry)
+# A standby copy's distance from the end of its changelog partition (app/kafka/standby.py): how much
+# a failover to this worker would still have to read.
+STANDBY_LAG = Gauge("scoring_standby_lag_records", "Changelog records a standby copy is behind",
+                    ["topic", "partition"], registry=registry)
 REBALANCES = Counter("scoring_rebalances_total", "Partition rebalances seen by this worker", registry=registry)
 # Outcome of a decision-making pipeline (fraud: approve / review / decline), one per scored event.
 DECISIONS = Counter("scoring_decisions_total", "Scored events by decision", ["pipeline", "decision"],

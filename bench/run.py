@@ -5,6 +5,7 @@
   python -m bench.run --backpressure   # offered load at ~3x capacity for a minute (bench/backpressure.py)
   python -m bench.run --recovery       # table recovery time from the changelog (bench/recovery.py)
   python -m bench.run --failover       # a SIGKILLed owner's partitions scored again, with standbys (bench/failover.py)
+  python -m bench.run --standby        # what standby replicas cost two workers scoring a burst (bench/standby.py)
   python -m bench.run --scale          # 10k, 100k, 1M users: recovery, throughput, latency, bytes (bench/scale.py)
 
 Phases, each on a fresh embedded broker started here (Tansu keeps everything in memory and slows
@@ -425,6 +426,10 @@ def main(argv=None) -> None:
     p.add_argument("--recovery-users", default="10000,100000,1000000", help="recovery: changelog sizes, comma-separated")
     p.add_argument("--failover", action="store_true", help="run the standby failover timing instead (bench/failover.py)")
     p.add_argument("--failover-rounds", type=int, default=3, help="failover: SIGKILLs, each on a fresh broker")
+    p.add_argument("--standby", action="store_true", help="run what standby replicas cost instead (bench/standby.py)")
+    p.add_argument("--standby-users", type=int, default=1_000_000, help="standby: users with a state")
+    p.add_argument("--standby-events", type=int, default=200_000, help="standby: events drained per round")
+    p.add_argument("--standby-rounds", type=int, default=2, help="standby: rounds of both settings")
     p.add_argument("--scale", action="store_true", help="run how cost grows with users instead (bench/scale.py)")
     p.add_argument("--scale-users", default=SCALE_USERS, help="scale: user counts, comma-separated")
     p.add_argument("--scale-events", type=int, default=SCALE_EVENTS, help="scale: events drained per size")
@@ -444,6 +449,9 @@ def main(argv=None) -> None:
     if args.failover:
         from bench import failover
         return failover.main(args)
+    if args.standby:
+        from bench import standby
+        return standby.main(args)
     if args.quick:
         args.events, args.duration, args.rounds = min(args.events, 50_000), 4, 1
     t0 = time.monotonic()

@@ -1,18 +1,20 @@
 """Table recovery in bulk (app/kafka/restore.py, issue 18): a worker with an empty DATA_DIR rebuilds its
 tables from the changelog in large fetches and write batches, the newest value per key winning and a
 null value deleting, and then scores on that state; a store that has part of the changelog reads
-only the rest."""
+only the rest. Standby copies (app/kafka/standby.py) are written the same way as the changelog grows."""
 from __future__ import annotations
 
 import asyncio
 
 import orjson
+import pytest
 import rocksdict
 from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from app.kafka.producer import key_hash
 from app.kafka.restore import restore
+from app.kafka.standby import follow
 from app.pipelines import configured
 from domain import session
 from tests.harness import produce_events, read_json
@@ -88,15 +90,54 @@ def test_a_restore_reads_from_the_persisted_offset_to_the_end_it_was_given(broke
     store.db.close()
 
 
-def test_a_rebalance_stops_a_restore_before_it_writes(broker, tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("reader", ["restore", "standby"])
+def test_a_rebalance_stops_a_restore_or_a_standby_before_it_writes(broker, tmp_path, reader):
     from app.kafka.restore import Aborted
 
     asyncio.run(write(broker, [(f"q{i}", record(f"q{i}", 1, 0)) for i in range(20)]))
     tp = TP(CHANGELOG, key_hash(b"q0") % 4)
     store = Store(tmp_path / "db")
+    rebalanced = lambda: True  # noqa: E731
+    run = (restore(broker.bootstrap, {tp: store}, {tp: -1}, {tp: 3}, should_abort=rebalanced) if reader == "restore"
+           else follow(broker.bootstrap, {tp: store}, {tp: -1}, should_abort=rebalanced))
     with pytest.raises(Aborted):
-        asyncio.run(restore(broker.bootstrap, {tp: store}, {tp: -1}, {tp: 3}, should_abort=lambda: True))
+        asyncio.run(asyncio.wait_for(run, 30))
     assert Store.offset_key not in store.db and not list(store.db.keys()), "nothing written"
+    store.db.close()
+
+
+# -- standbys: the same writes, following the changelog as it grows (app/kafka/standby.py) ---------
+
+def test_a_standby_follows_the_changelog_as_it_grows_into_its_store(broker, tmp_path):
+    partition = key_hash(b"s0") % 4
+    mine = [u for u in (f"s{i}" for i in range(80)) if key_hash(u.encode()) % 4 == partition]
+    tp = TP(CHANGELOG, partition)
+    store = Store(tmp_path / "db")
+    lags: list[dict] = []
+
+    async def scenario():
+        await write(broker, [(u, record(u, 1, 0)) for u in mine])
+        task = asyncio.ensure_future(follow(broker.bootstrap, {tp: store}, {tp: -1},
+                                            on_fetch=lambda written, lag: lags.append(lag)))
+        try:
+            async def until(offset: int) -> None:
+                for _ in range(100):
+                    if Store.offset_key in store.db and int(store.db[Store.offset_key]) == offset:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"the persisted offset never reached {offset}")
+            await until(len(mine) - 1)
+            assert {orjson.loads(store.db[u.encode()])["state"]["events"] for u in mine} == {1}
+            # what the owner writes later arrives too: a newer value wins, a null value deletes
+            await write(broker, [(mine[0], record(mine[0], 5, 3)), (mine[1], None)])
+            await until(len(mine) + 1)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert orjson.loads(store.db[mine[0].encode()])["state"]["events"] == 5
+    assert mine[1].encode() not in store.db
+    assert orjson.loads(store.db[mine[2].encode()])["state"]["events"] == 1
+    assert any(lag == {tp: 0} for lag in lags), f"caught up, it reports no lag: {lags[-3:]}"
     store.db.close()

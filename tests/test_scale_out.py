@@ -297,6 +297,61 @@ def test_sigkilled_worker_partitions_resume_on_the_others_with_standbys(broker, 
           f"worst produce->score delay on them after the kill: {max(sent_after):.1f}s")
 
 
+def standby_lags(worker) -> dict[str, float]:
+    """The worker's scoring_standby_lag_records samples of the cart table: partition -> records."""
+    _, _, body = get(worker.url, "/metrics")
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^scoring_standby_lag_records\{partition="(\d+)",topic="[^"]*user_sessions[^"]*"\} (\S+)$',
+        body.decode(), re.M)}
+
+
+def test_a_standby_copy_followed_in_bulk_takes_over_without_reading_the_changelog(broker, workers):
+    """STANDBY_REPLICAS=1, two workers: each follows the other's changelog partitions with a consumer
+    of its own (app/kafka/standby.py). Once the copies are caught up the owner is SIGKILLed: the
+    survivor takes its partitions over without reading one changelog record (no restore) and scores
+    those users' next events on the copy, which must hold every state exactly (the final states
+    equal a single-worker fold)."""
+    w1, w2 = start_all(workers, ["w1", "w2"], {**ENV, "STANDBY_REPLICAS": "1"})
+
+    def split():
+        views = [table_view(w) for w in (w1, w2)]
+        if None in views:
+            return None
+        (a1, s1), (a2, s2) = ((set(v["active_partitions"]), set(v["standby_partitions"])) for v in views)
+        return (a1, a2) if a1 | a2 == ALL and not a1 & a2 and a1 and a2 and s1 == a2 and s2 == a1 else None
+    _, lost = wait_until(split, timeout=90, what="each worker the standby of the other's partitions")
+    assert "following standby partitions in bulk" in w1.log(), "the survivor follows its standbys in bulk"
+
+    events = FLOW.valid(60, 73)
+    by_user: dict[str, list[dict]] = {}
+    for e in events:
+        by_user.setdefault(e[FLOW.key], []).append(e)
+    first = [e for e in events if by_user[e[FLOW.key]].index(e) < len(by_user[e[FLOW.key]]) // 2]
+    second = [e for e in events if e not in first]
+    assert {partition(e[FLOW.key]) for e in second} & lost, "events for the taken-over partitions after the kill"
+    produce_events(broker, FLOW.source, first, FLOW.key)
+    outputs(broker, first)
+    wait_all_committed(broker, first)  # every state of the first half delivered to the changelog
+
+    def caught_up():  # twice in a row: a sample taken before the last changelog writes arrived is no proof
+        lags = standby_lags(w1)
+        if set(lags) != {str(p) for p in lost} or any(lags.values()):
+            return None
+        time.sleep(1.5)
+        again = standby_lags(w1)
+        return again if not any(again.values()) else None
+    wait_until(caught_up, timeout=60, what="the survivor's standby copies caught up")
+
+    t_kill = time.time()
+    w2.kill()
+    wait_until(lambda: (table_view(w1) or {}).get("active_partitions") == sorted(ALL) or None,
+               timeout=60, what="the survivor owns every partition")
+    restored = first_log_time(w1, "changelog records of", t_kill)  # the bulk restore's line
+    assert restored is None, "the takeover read the changelog again: the copy was not current"
+    produce_events(broker, FLOW.source, second, FLOW.key)
+    check_no_loss_and_state(broker, [w1], events, "standby takeover")
+
+
 # -- lookups through every worker -----------------------------------------------------------------
 
 def test_a_user_lookup_through_every_worker_gives_the_owners_state_under_load(broker, workers):

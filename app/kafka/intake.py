@@ -6,8 +6,8 @@ was most of a worker's CPU per event. Here the topics an agent reads in batches 
 each fetch before that happens: the fetched record lists go into the agent's `RecordSink`, and a
 batch is acked as a whole in Faust's own bookkeeping, so Faust's commit logic (the highest
 contiguous acked offset, on its interval) and its rebalance protocol (wait until nothing taken is
-unacked) work as they do for its own events. Other topics (table changelogs, standbys) keep
-Faust's path.
+unacked) work as they do for its own events. Other topics (the table changelogs Faust's recovery
+reads) keep Faust's path.
 
 Rebalancing, as Faust's stream iterator handles it per event, here per batch:
 - a batch in flight is registered as one unacked message, so a rebalance waits for it to finish

@@ -11,8 +11,8 @@
    that reports them right this costs one empty fetch per recovery.
 
 3. Delivery without four tasks per record. The consumer hands every fetched record it delivers
-   itself (the agents' topics go through `app.kafka.intake` instead; table changelogs for recovery and
-   standbys still come this way) with `wait_first(deliver(record), suspend_flow.wait())`, and
+   itself (the agents' topics go through `app.kafka.intake` instead, standbys through
+   `app.kafka.standby`; table changelogs for Faust's own recovery still come this way) with `wait_first(deliver(record), suspend_flow.wait())`, and
    `wait_first` creates four tasks (plus stopped/crashed watchers) and an `asyncio.wait` per record. Delivery (decode, put on the stream's queue) almost
    always completes without suspending, so the patched `wait_first` first runs the delivery
    coroutine up to its first suspension; done there, it is the winner, exactly as it would have

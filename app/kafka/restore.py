@@ -12,8 +12,8 @@ partitions of our tables first reads every record between the two with a consume
 (no group, large fetches), writes them to the partition's RocksDB in write batches (the newest value
 per key wins; a null value deletes), each batch with the persisted offset of its last record, in
 Faust's own key and format. Faust then finds nothing, or the few records written in the meantime,
-left to read, and goes on as usual (standbys keep Faust's path: they follow the changelog as it
-grows, and do not hold up /ready). Whatever stops the restore (a failure, a rebalance, half of
+left to read, and goes on as usual. Standby partitions are followed with the same writes, as the
+changelog grows, by `app/kafka/standby.py`; they do not hold up /ready. Whatever stops the restore (a failure, a rebalance, half of
 Faust's own timeout for this step) leaves a persisted offset that matches the values written, and
 Faust's own recovery reads the rest.
 """
@@ -41,6 +41,49 @@ class Aborted(Exception):
     """A rebalance came: the store may have dropped the partition's database; stop writing."""
 
 
+def changelog_consumer(bootstrap: str, fetch_max_wait_ms: int) -> AIOKafkaConsumer:
+    """A consumer of its own (no group) for reading changelog partitions in large fetches."""
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=fetch_max_wait_ms,
+                            fetch_max_bytes=8 * FETCH_BYTES, max_partition_fetch_bytes=FETCH_BYTES,
+                            auto_offset_reset="earliest",  # a start below the log start: from the start
+                            isolation_level="read_uncommitted", **security.client_kwargs())
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        # aiokafka's stop can leak its own coordinator task's cancellation: pass on only a
+        # cancellation of this task (a new rebalance)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+def stage(batch: rocksdict.WriteBatch, records, end: int | None = None) -> int | None:
+    """Records (of one partition, in offset order) up to offset `end` into `batch`, the newest value
+    per key winning and a null value deleting; returns the offset of the last one staged."""
+    last = None
+    for r in records:
+        if end is not None and r.offset > end:
+            break
+        if r.value is None:
+            batch.delete(r.key)
+        else:
+            batch.put(r.key, r.value)
+        last = r.offset
+    return last
+
+
+def write(store, tp, batch: rocksdict.WriteBatch, offset: int, should_abort) -> None:
+    """`batch` written to the partition's database with `offset` as its persisted offset, in the
+    same write: values and offset land together. Raises `Aborted` instead once a rebalance came."""
+    if should_abort():
+        raise Aborted()
+    batch.put(store.offset_key, str(offset).encode())  # as Store.set_persisted_offset writes it
+    store._db_for_partition(tp.partition).write(batch)
+
+
 async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadline_s: float = 45.0,
                   should_abort=lambda: False) -> dict:
     """Read each changelog partition `tp` of `stores` (tp -> the table's store) from `starts[tp] + 1`
@@ -51,10 +94,7 @@ async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadli
     todo = {TopicPartition(*tp): tp for tp in stores if ends.get(tp) is not None and ends[tp] > starts[tp]}
     if not todo:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
-                                fetch_max_bytes=8 * FETCH_BYTES, max_partition_fetch_bytes=FETCH_BYTES,
-                                auto_offset_reset="earliest",  # a start below the log start: from the start
-                                isolation_level="read_uncommitted", **security.client_kwargs())
+    consumer = changelog_consumer(bootstrap, fetch_max_wait_ms=100)
     await consumer.start()
     done: dict = {}
     try:
@@ -66,13 +106,9 @@ async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadli
         last: dict = {}
         deadline = time.monotonic() + deadline_s
 
-        def write(target, offset: int) -> None:
-            if should_abort():
-                raise Aborted()
-            tp, store = todo[target], stores[todo[target]]
-            batch = batches[target]
-            batch.put(store.offset_key, str(offset).encode())  # as Store.set_persisted_offset writes it
-            store._db_for_partition(tp.partition).write(batch)
+        def written(target, offset: int) -> None:
+            tp = todo[target]
+            write(stores[tp], tp, batches[target], offset, should_abort)
             done[tp] = offset
             batches[target], pending[target] = rocksdict.WriteBatch(raw_mode=True), 0
 
@@ -80,42 +116,27 @@ async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadli
         while open_tps and time.monotonic() < deadline:
             fetched = await consumer.getmany(*open_tps, timeout_ms=500)
             for target, records in fetched.items():
-                end = ends[todo[target]]
-                batch = batches[target]
-                n = 0
-                for r in records:
-                    if r.offset > end:
-                        break
-                    if r.value is None:
-                        batch.delete(r.key)
-                    else:
-                        batch.put(r.key, r.value)
-                    last[target] = r.offset
-                    n += 1
-                pending[target] += n
+                offset = stage(batches[target], records, ends[todo[target]])
+                if offset is None:
+                    continue
+                last[target] = offset
+                pending[target] += len(records)  # a bound on the batch's size: past the end counts too
                 if pending[target] >= WRITE_EVERY:
-                    write(target, last[target])
+                    written(target, offset)
             for target in list(open_tps):
                 # the position passes the end also when the log ends in control records
                 if await consumer.position(target) > ends[todo[target]]:
-                    write(target, ends[todo[target]])
+                    written(target, ends[todo[target]])
                     open_tps.discard(target)
         for target in open_tps:  # the deadline: keep what was read, Faust reads the rest
             if pending[target]:
-                write(target, last[target])
+                written(target, last[target])
         if open_tps:
             log.warning("bulk restore: %d partition(s) not restored within %.0f s; Faust's recovery reads the rest",
                         len(open_tps), deadline_s)
         return done
     finally:
-        try:
-            await consumer.stop()
-        except asyncio.CancelledError:
-            # aiokafka's stop can leak its own coordinator task's cancellation: pass on only a
-            # cancellation of this task (a new rebalance, from Faust's recovery)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+        await stop_consumer(consumer)
 
 
 _installed = False

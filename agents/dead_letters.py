@@ -1,9 +1,13 @@
 """The dead-letter agent: counts by stage and exception, and a bounded sample, per partition."""
 from __future__ import annotations
 
+import logging
+
 from app.kafka import intake
 from app.pipeline.deadletters import Letter
 from domain import dead_letter_stats as stats
+
+log = logging.getLogger(__name__)
 
 
 def register(faust_app, topic, sink: intake.RecordSink, writer, batch_max: int) -> None:
@@ -19,7 +23,12 @@ def register(faust_app, topic, sink: intake.RecordSink, writer, batch_max: int) 
             rows = {}  # one record per dead-letter partition, kept on that partition of the table
             for tp, records in batch.spans:
                 key = f"p{tp.partition}"
-                folded = rows[key][1] if key in rows else (current[key] or stats.new_stats())
+                folded = rows[key][1] if key in rows else current[key]
+                if folded is None or not stats.readable(folded):
+                    if folded is not None:  # statistics, not events: the letters are still on their topic
+                        log.warning("dead-letter statistics of partition %d could not be read; counting anew",
+                                    tp.partition)
+                    folded = stats.new_stats()
                 for r in records:
                     folded = stats.apply(folded, r.offset, Letter.parse(r.headers), r.value)
                 rows[key] = (tp.partition, folded)

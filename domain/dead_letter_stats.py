@@ -12,6 +12,15 @@ def new_stats() -> dict:
     return {"counts": {}, "recent": [], "applied": -1}
 
 
+def readable(stats) -> bool:
+    """Whether a stored record is one `apply` and `merge` can read (the changelog it is restored from
+    can hold anything anyone wrote to it)."""
+    return (isinstance(stats, dict) and type(stats.get("applied")) is int
+            and isinstance(stats.get("counts"), dict) and all(type(n) is int for n in stats["counts"].values())
+            and all(isinstance(k, str) and "|" in k for k in stats["counts"])
+            and isinstance(stats.get("recent"), list) and all(isinstance(r, dict) for r in stats["recent"]))
+
+
 def apply(stats: dict, offset: int, letter, value: bytes | None) -> dict:
     """Fold one dead letter in; a replayed offset (at or below `applied`) changes nothing."""
     if offset <= stats["applied"]:

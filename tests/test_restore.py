@@ -17,8 +17,8 @@ from app.kafka.restore import restore
 from app.kafka.standby import follow
 from app.pipelines import configured
 from domain import session
-from tests.harness import produce_events, read_json
-from tests.test_web import get, get_json
+from tests.harness import produce_events, read_json, read_topic
+from tests.test_web import get, get_json, wait_until
 
 CHANGELOG = "scoring-user_sessions-changelog"
 
@@ -57,6 +57,43 @@ def test_a_worker_without_local_state_restores_it_in_bulk_and_scores_on_it(broke
     produce_events(broker, cart.source_topic, [event], "user_id")
     out, = read_json(broker, cart.output_topic, 1)
     assert out["features"][cart.feature_names.index("session_events")] == 8.0, "scored on the restored state"
+
+
+def test_a_restored_record_anyone_wrote_makes_dead_letters_not_a_crash_loop(broker, workers):
+    """The changelog can be written by anyone who can write the topic, and every worker restores it.
+    Before: the first event of a key whose record was not JSON made the worker exit, after every
+    restart again. Now that key's events are dead letters saying why, the other keys are scored, the
+    web view says what is wrong, and a mangled dead-letter statistics record is counted anew."""
+    asyncio.run(write(broker, [("ok", record("ok", 1, 0)), ("mangled", b"\xff{not json"),
+                               ("shapeless", b'{"state": 5, "applied": []}')]))
+
+    async def mangle_statistics() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            for p in range(4):
+                await producer.send_and_wait("scoring-dead_letter_stats-changelog", b"[1, 2", key=f"p{p}".encode(),
+                                             partition=p)
+        finally:
+            await producer.stop()
+    asyncio.run(mangle_statistics())
+    w = workers("w1", env={"PIPELINES": "cart"})
+    cart = configured()["cart"]
+    events = [{"event_id": f"h-{u}", "user_id": u, "ts": 1_700_000_001_000, "type": "page_view", "category": "books",
+               "price": 1.0, "quantity": 1} for u in ("mangled", "shapeless", "ok")]
+    produce_events(broker, cart.source_topic, events, "user_id")
+
+    out, = read_json(broker, cart.output_topic, 1)
+    assert out["event_id"] == "h-ok" and out["features"][cart.feature_names.index("session_events")] == 2.0
+    letters = read_topic(broker, "dead_letters", lambda rs: len(rs) >= 2)
+    reasons = {dict(r.headers)["errors.stage"]: dict(r.headers)["errors.exception"] for r in letters}
+    assert len(letters) == 2 and reasons == {b"state": b"CorruptState"}, letters
+    status, _, body = get(w.url, "/state/cart/mangled")
+    assert status == 500 and b"cannot be read" in body and b"not JSON" in body
+    assert w.alive() and "CRITICAL" not in w.log()
+    wait_until(lambda: get_json(w.url, "/dead-letters").get("total") == 2, timeout=30,
+               what="the dead letters counted, the mangled statistics started anew")
+    assert "could not be read; counting anew" in w.log()
 
 
 class Store:

@@ -37,6 +37,18 @@ from app.retry import RetryPolicy
 RECENT_MAX = 200_000
 
 
+class Undecodable(str):
+    """A stored value that is not JSON: what a reader gets instead of an exception (the changelog a
+    store is restored from can hold anything anyone wrote to it). Its text says why."""
+
+
+def _decode(raw: bytes):
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Undecodable(f"not JSON ({exc}): {raw[:60]!r}")
+
+
 class GatedTable(faust.Table):
     def __init__(self, *args, changelog_prefix: str, **kwargs) -> None:
         self.changelog_prefix = changelog_prefix  # before Faust names the changelog topic
@@ -56,7 +68,7 @@ class GatedTable(faust.Table):
 
     def read(self, key: str) -> dict | None:
         raw = self.get(key)
-        return None if raw is None else orjson.loads(raw)
+        return None if raw is None else _decode(raw)
 
     def read_many(self, partition: int, keys: list[str], generation) -> list[dict | None]:
         """Records of `keys`, all of `partition`, for a batch of consumer generation `generation`.
@@ -72,13 +84,13 @@ class GatedTable(faust.Table):
         for i, key in enumerate(keys):
             hit = recent.get(key) or older.get(key)
             if hit is not None and hit[0] == generation:
-                out[i] = orjson.loads(hit[1])
+                out[i] = orjson.loads(hit[1])  # written by this worker
             else:
                 missing.append(i)
         if missing:
             raws = self.data._db_for_partition(partition).get([keys[i].encode() for i in missing])
             for i, raw in zip(missing, raws):
-                out[i] = None if raw is None else orjson.loads(raw)
+                out[i] = None if raw is None else _decode(raw)
         return out
 
     async def put_many(self, rows: list[tuple[int, str, dict]], generation) -> None:

@@ -15,6 +15,29 @@ from app.pipelines import Pipeline
 REPLAYED_MAX = 32
 
 
+class CorruptState(ValueError):
+    """A key's stored record is not one this worker writes. The changelog it is restored from can be
+    written by anyone who can write the topic: the key's events become dead letters (replayable once
+    the record is fixed), the record stays as it is, and the stream goes on."""
+
+
+def unpack(pipeline: Pipeline, record) -> tuple[dict, dict, list]:
+    """(state, applied, replayed) of a key's stored record, checked as far as the fold relies on it
+    (the state's own fields are the domain's: its functions fail per event); a new state for None."""
+    if record is None:
+        return pipeline.new_state(), {}, []
+    if not isinstance(record, dict):
+        raise CorruptState(f"the stored state record is not an object: {str(record)[:120]}")
+    state, applied, replayed = record.get("state"), record.get("applied"), record.get("replayed", [])
+    if not isinstance(state, dict):
+        raise CorruptState("the stored state record has no 'state' object")
+    if not isinstance(applied, dict) or not all(type(v) is int for v in applied.values()):
+        raise CorruptState("the stored state record's 'applied' is not a map of offsets")
+    if not isinstance(replayed, list) or not all(isinstance(x, str) for x in replayed):
+        raise CorruptState("the stored state record's 'replayed' is not a list of lineages")
+    return state, dict(applied), list(replayed)  # copied once per key: the record is shared with readers
+
+
 class Item:
     """One source record on its way through the batch."""
 
@@ -62,12 +85,10 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
     """Apply one key's events in order to its state record; each applied item gets its features and
     its `state` after it. Items that failed already are left out; an item found in the record (a
     replay) is marked a duplicate. Returns the `applied` map and `replayed` list after the last one.
+    Raises `CorruptState` for a record it cannot read.
     The one fold of the pipeline: a key is folded again, from the same record, when one of its events
     fails later (scoring, output)."""
-    if record is None:
-        state, applied, replayed = pipeline.new_state(), {}, []
-    else:  # copied once per key: the record itself is shared with readers
-        state, applied, replayed = record["state"], dict(record["applied"]), list(record.get("replayed", ()))
+    state, applied, replayed = unpack(pipeline, record)
     apply, features = pipeline.apply, pipeline.features
     for it in items:
         if it.stage is not None:

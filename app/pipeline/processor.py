@@ -33,7 +33,7 @@ from app.errors import Poison
 from app.kafka.producer import BatchProducer, Record, key_hash
 from app.pipeline import deadletters, lineage
 from app.pipeline.codec import decode, encode
-from app.pipeline.fold import Item, fail_after_undelivered, fold, last_state
+from app.pipeline.fold import CorruptState, Item, fail_after_undelivered, fold, last_state
 from app.pipeline.publish import publish, publish_until_acknowledged
 from app.pipeline.quarantine import PoisonPill
 from app.pipeline.scoring import Scoring
@@ -89,7 +89,7 @@ class Processor:
                         attempts=set_aside)
         by_key, forward = self._admit([it for it in items if it.stage is None])
         before = self.writer.read_many(self._keys_by_partition(by_key), batch.generation)
-        folded = {key: fold(self.pipeline, before[key], its) for key, its in by_key.items()}
+        folded = self._fold_all(by_key, before)
         now_ms = int(time.time() * 1000)
         await self._score_all(by_key, before, folded, champion, challenger, now_ms)
 
@@ -171,6 +171,20 @@ class Processor:
         for key, its in by_key.items():
             keys_of[its[-1].record.partition].append(key)
         return keys_of
+
+    def _fold_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None]) -> dict:
+        """Each key's events folded onto its record; the events of a key whose record cannot be read
+        are dead letters, and nothing is written for it."""
+        folded = {}
+        for key, its in by_key.items():
+            try:
+                folded[key] = fold(self.pipeline, before[key], its)
+            except CorruptState as exc:
+                for it in its:
+                    if it.stage is None:
+                        it.fail("state", exc)
+                folded[key] = ({}, [])
+        return folded
 
     async def _score_all(self, by_key: dict[str, list[Item]], before: dict[str, dict | None], folded: dict,
                          champion, challenger, now_ms: int) -> None:

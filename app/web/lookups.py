@@ -15,6 +15,7 @@ from faust.exceptions import SameNode
 from faust.web import Request, Response, View
 
 from app.kafka.consumer import routing_metadata
+from app.pipeline.fold import CorruptState, unpack
 
 MAX_KEY_CHARS = 256  # the codec's limit for a string field such as user_id
 
@@ -53,7 +54,10 @@ def register(service, recent: dict) -> None:
         record = r.processor.read(key)
         if record is None:
             return view.error(404, not_found, **{p.key_field: key})
-        state = record["state"]
+        try:
+            state, applied, _ = unpack(p, record)
+        except CorruptState as exc:  # its events go to the dead letters until it is fixed
+            return view.error(500, f"the stored state of this key cannot be read: {exc}", **{p.key_field: key})
         features, probe = features_now(p, state)
         return view.json({
             "pipeline": name,
@@ -61,7 +65,7 @@ def register(service, recent: dict) -> None:
             "worker": str(app.conf.canonical_url),
             "partition": r.processor.partition_of(key.encode()),
             "state": state,
-            "applied_offsets": record.get("applied", {}),
+            "applied_offsets": applied,
             "features_now": features,
             "features_probe": probe,
             "model_version": r.models.champion.version,

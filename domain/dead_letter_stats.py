@@ -51,7 +51,7 @@ def merge(many: list[dict]) -> dict:
         for k, n in s["counts"].items():
             counts[k] = counts.get(k, 0) + n
         recent.extend(s["recent"])
-    recent.sort(key=lambda r: int(r["ts"]) if str(r.get("ts")).isdigit() else 0, reverse=True)
+    recent.sort(key=lambda r: r["ts"] if type(r.get("ts")) is int else 0, reverse=True)
     by_stage: dict[str, int] = {}
     for k, n in counts.items():
         stage = k.split("|", 1)[0]

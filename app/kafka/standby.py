@@ -84,6 +84,8 @@ class Standbys:
         """After Faust's recovery learnt the new assignment: our standby partitions out of its hands
         (changed in place: its recovery loop holds these very sets)."""
         self.stop()
+        if recovery._generation_id != recovery.app.consumer_generation_id:
+            return  # Faust's on_rebalance returned early: a newer rebalance came, its call takes them
         self.generation = recovery.app.consumer_generation_id
         self.taken = {tp for tp in recovery.standby_tps if self.is_ours(recovery.tp_to_table.get(tp))}
         recovery.standby_tps.difference_update(self.taken)
@@ -126,13 +128,14 @@ class Standbys:
             async for _ in RetryPolicy(base_ms=1000, max_ms=30_000).attempts(forever=True):
                 if rebalanced():
                     return
-                # from what the store holds: after a failure, the last write tells where to go on
-                starts = {tp: -1 if (at := store.persisted_offset(tp)) is None else at for tp, store in stores.items()}
                 try:
+                    # from what the store holds: after a failure, the last write tells where to go on
+                    starts = {tp: -1 if (at := store.persisted_offset(tp)) is None else at
+                              for tp, store in stores.items()}
                     await follow(self.bootstrap, stores, starts, rebalanced, progress)
                 except Aborted:
                     return
-                except Exception as exc:  # a broker outage: scoring goes on, the copies catch up after it
+                except Exception as exc:  # a broker outage, a store busy: scoring goes on, the copies catch up after it
                     log.warning("standby follower failed (%r); it starts again from the copies' offsets", exc)
 
         self.task = asyncio.ensure_future(run())

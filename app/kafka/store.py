@@ -37,16 +37,37 @@ from app.retry import RetryPolicy
 RECENT_MAX = 200_000
 
 
+# orjson reads JSON nested up to 1024 levels deep but writes only 254: a stored value nested deeper
+# could be read and folded, then not written back.
+MAX_DEPTH = 250
+
+
 class Undecodable(str):
-    """A stored value that is not JSON: what a reader gets instead of an exception (the changelog a
-    store is restored from can hold anything anyone wrote to it). Its text says why."""
+    """A stored value that is not a record this worker could write back: what a reader gets instead
+    of an exception (the changelog a store is restored from can hold anything anyone wrote to it).
+    Its text says why."""
+
+
+def _depth(value) -> int:
+    deepest, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            level += [(x, d + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
 
 
 def _decode(raw: bytes):
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return Undecodable(f"not JSON ({exc}): {raw[:60]!r}")
+    if value is None:  # JSON null, not a tombstone: a tombstone is no value at all
+        return Undecodable("null")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        return Undecodable(f"nested more than {MAX_DEPTH} levels deep")
+    return value
 
 
 class GatedTable(faust.Table):

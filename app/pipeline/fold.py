@@ -89,7 +89,7 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
     The one fold of the pipeline: a key is folded again, from the same record, when one of its events
     fails later (scoring, output)."""
     state, applied, replayed = unpack(pipeline, record)
-    apply, features = pipeline.apply, pipeline.features
+    apply, features, width = pipeline.apply, pipeline.features, len(pipeline.feature_names)
     for it in items:
         if it.stage is not None:
             continue
@@ -100,6 +100,8 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
         try:
             new = apply(state, it.value)
             it.features = features(new, it.value)
+            if len(it.features) != width:  # a state of the wrong shape (restored from anyone's bytes)
+                raise ValueError(f"{len(it.features)} features instead of {width}")
         except Exception as exc:
             it.fail("features", exc)
             continue

@@ -199,7 +199,7 @@ class Processor:
             for it in todo:
                 if it.ok:
                     it.outgoing = self._output(it, champion, challenger, now_ms)
-            failed = {it.key for it in todo if it.stage in ("score", "output")}
+            failed = {it.key for it in todo if it.stage in ("features", "score", "output")}
             refold = [key for key in failed if any(it.ok for it in by_key[key])]
             todo = []
             for key in refold:

@@ -88,8 +88,17 @@ class Scoring:
 
     def _rows(self, items: list[Item]) -> np.ndarray:
         width = len(self.pipeline.feature_names)
-        return np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
-                           count=len(items) * width).reshape(len(items), width)
+        try:
+            return np.fromiter(chain.from_iterable(it.features for it in items), dtype=np.float64,
+                               count=len(items) * width).reshape(len(items), width)
+        except (TypeError, ValueError):  # a feature that is no number: those events fail, the others are scored
+            rows = np.zeros((len(items), width))
+            for i, it in enumerate(items):
+                try:
+                    rows[i] = np.fromiter(it.features, dtype=np.float64, count=width)
+                except (TypeError, ValueError) as exc:
+                    it.fail("features", ValueError(f"a feature is not a number: {exc}"))
+            return rows
 
     def _each(self, items: list[Item], rows: np.ndarray, model) -> np.ndarray:
         """A batch predict raised: isolate the row(s) that the model rejects."""

@@ -62,7 +62,7 @@ def summary(app, table, counts: dict) -> dict:
 
 def dead_letter_summary(service) -> dict:
     letters = service.dead_letters
-    keys = {k.decode() if isinstance(k, bytes) else str(k) for k in letters.table.keys()}
+    keys = {k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in letters.table.keys()}
     records = [letters.writer.read(k) for k in sorted(keys | set(letters.writer.unwritten_keys()))]
     merged = dead_letter_stats.merge([r for r in records if dead_letter_stats.readable(r)])
     topic = letters.table.changelog_topic.get_topic_name()

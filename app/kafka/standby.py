@@ -6,7 +6,7 @@ Message, an Event, the recovery queue and buffer, a few sums over all partitions
 workers of `STANDBY_REPLICAS=1` with 1M users (`make bench-standby`): after a restart each worker's
 copies took 28 s to catch up with the other's restored state, and a burst cost the pair 53.8 us of
 CPU per event against 32.8 without standbys (its throughput 0.75x). Here: 2 s, and the burst costs
-what it costs without standbys (32.6 against 33.1 us, throughput 1.02x).
+0.98-1.14x the CPU per event of a pair without standbys (two runs; throughput 0.84-1.02x).
 
 Installed, the standby partitions of our tables are taken out of Faust's recovery at each rebalance,
 so its consumer never resumes them, and once the worker's recovery is complete a consumer of its own

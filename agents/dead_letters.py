@@ -10,6 +10,16 @@ from domain import dead_letter_stats as stats
 log = logging.getLogger(__name__)
 
 
+def _stored(record, partition: int) -> dict:
+    """The partition's statistics as stored, or new ones if there are none or they cannot be read
+    (statistics, not events: the letters themselves are still on their topic)."""
+    if record is not None and stats.readable(record):
+        return record
+    if record is not None:
+        log.warning("dead-letter statistics of partition %d could not be read; counting anew", partition)
+    return stats.new_stats()
+
+
 def register(faust_app, topic, sink: intake.RecordSink, writer, batch_max: int) -> None:
     """Declare the agent that folds the letters of `topic` into one record per partition of it."""
     topics = set(topic.topics)
@@ -23,12 +33,7 @@ def register(faust_app, topic, sink: intake.RecordSink, writer, batch_max: int) 
             rows = {}  # one record per dead-letter partition, kept on that partition of the table
             for tp, records in batch.spans:
                 key = f"p{tp.partition}"
-                folded = rows[key][1] if key in rows else current[key]
-                if folded is None or not stats.readable(folded):
-                    if folded is not None:  # statistics, not events: the letters are still on their topic
-                        log.warning("dead-letter statistics of partition %d could not be read; counting anew",
-                                    tp.partition)
-                    folded = stats.new_stats()
+                folded = rows[key][1] if key in rows else _stored(current[key], tp.partition)
                 for r in records:
                     folded = stats.apply(folded, r.offset, Letter.parse(r.headers), r.value)
                 rows[key] = (tp.partition, folded)

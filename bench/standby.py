@@ -18,11 +18,9 @@ Results: bench/results/standby-latest.json and a markdown table on stdout.
 from __future__ import annotations
 
 import asyncio
-import re
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
@@ -61,9 +59,8 @@ async def settled(pids: list[int], limit_s: float = 180) -> float:
 
 
 def standby_lag(worker: Worker) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    lags = [float(v) for v in re.findall(r'^scoring_standby_lag_records\{[^}]*user_sessions[^}]*\} (\S+)$', text, re.M)]
+    lags = [v for name, v in worker.metrics().items()
+            if name.startswith("scoring_standby_lag_records{") and "user_sessions" in name]
     return sum(lags) if lags else None
 
 

@@ -42,6 +42,18 @@ def test_what_cannot_be_a_promotion_is_refused_with_the_reason():
         control.encode("cart", "champion", os.urandom(800_000).hex(), {}, [])  # gzip cannot shrink it enough
 
 
+def test_a_record_that_unpacks_to_gigabytes_is_refused_without_unpacking_it():
+    """Before: gzip.decompress unpacked whatever the record held on the event loop (1 MB of gzip of one
+    repeated byte is a GB: a worker killed for its memory, again at every start)."""
+    key, value = control.encode("cart", "champion", TEXT, {}, [])
+    bomb = gzip.compress(b"\0" * (control.MAX_MODEL_TEXT_BYTES + 1))
+    body = {**orjson.loads(value), "model_gzip_base64": base64.b64encode(bomb).decode()}
+    assert "unpacks to more than" in control.parse(key, orjson.dumps(body), PIPELINES)[1]
+    cut = {**body, "model_gzip_base64": base64.b64encode(gzip.compress(TEXT.encode())[:-9]).decode()}
+    assert "cut short" in control.parse(key, orjson.dumps(cut), PIPELINES)[1]
+    assert "more than 900,000" in control.parse(key, value + b" " * control.MAX_RECORD_BYTES, PIPELINES)[1]
+
+
 @given(key=st.one_of(st.none(), st.binary(max_size=40), st.sampled_from([b"cart:champion", b"fraud:challenger"])),
        value=st.one_of(st.none(), st.binary(max_size=400), st.builds(orjson.dumps, st.dictionaries(
            st.sampled_from(["version", "meta", "history", "model_gzip_base64", "promoted_at", "x"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,13 +143,18 @@ def test_a_promotion_reaches_every_worker_between_batches_and_rolls_back(broker,
                                        features=["not_" + f for f in configured()["cart"].feature_names])
     odd_text = (tmp_path / "odd" / "models" / "cart" / odd / "model.txt").read_text()
     key, value = control.encode("cart", "champion", odd_text, {"features": []}, [start, other])
-    asyncio.run(send(broker, [(key, value), (key, b"\xff not json"), (b"nothing:champion", value)]))
-    wait_until(lambda: all(len(models_of(w)["cart"]["refused"]) >= 2 for w in (w1, w2)), 60, "refusals reported")
+    # and a forged model whose tree sizes make LightGBM read past its buffer (before: SIGSEGV, every worker)
+    start_text = (model_dir / "cart" / start / "model.txt").read_text()
+    _, forged = control.encode("cart", "champion", re.sub(r"tree_sizes=(\d+)", "tree_sizes=999999999", start_text,
+                                                          count=1), {"features": []}, [start, other])
+    asyncio.run(send(broker, [(key, value), (key, forged), (key, b"\xff not json"), (b"nothing:champion", value)]))
+    wait_until(lambda: all(len(models_of(w)["cart"]["refused"]) >= 3 for w in (w1, w2)), 60, "refusals reported")
     refused = models_of(w1)["cart"]["refused"]
     assert refused[0]["version"] == odd and "other features" in refused[0]["reason"]
-    assert "does not parse" in refused[1]["reason"]
+    assert "tree_sizes do not match" in refused[1]["reason"]
+    assert "does not parse" in refused[2]["reason"]
     assert all(models_of(w)["cart"]["version"] == start for w in (w1, w2)) and w1.alive() and w2.alive()
-    assert "scoring_model_refused_total{pipeline=\"cart\"} 2.0" in metrics_text(w1)
+    assert "scoring_model_refused_total{pipeline=\"cart\"} 3.0" in metrics_text(w1)
     more = [{**e, "event_id": f"more-{i}"} for i, e in enumerate(events[:40])]
     produce_events(broker, "cart_events", more, "user_id")
     assert {o["model_version"] for o in read_json(broker, "personalization_scores", len(events) + len(more),

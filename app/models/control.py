@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import gzip
 import time
+import zlib
 from dataclasses import dataclass
 
 import orjson
@@ -31,6 +32,10 @@ from app.models import registry
 ROLES = ("champion", "challenger")
 HISTORY = 10  # versions promoted before, newest first, kept in each promotion (rollback reads them)
 MAX_RECORD_BYTES = 900_000  # below the producer's and the broker's 1 MB default
+# A model's text, unpacked: gzip shrinks these models about 3x, so a record holds at most ~3 MB of
+# it. The bound stops a forged record from unpacking to gigabytes (1 MB of gzip of one repeated
+# byte is a GB) and killing every worker that reads it, at every start.
+MAX_MODEL_TEXT_BYTES = 16_000_000
 
 
 class PromotionError(ValueError):
@@ -79,9 +84,11 @@ def parse(key: bytes | None, value: bytes | None, pipelines) -> tuple[Promotion 
         if role == "challenger":
             return Promotion(pipeline, role, None, None, {}, (), None), None
         return None, "a champion cannot be removed, only replaced"
+    if len(value) > MAX_RECORD_BYTES:  # batch compression lets a record past the broker's limit
+        return None, f"the record is {len(value):,} bytes, more than {MAX_RECORD_BYTES:,}"
     try:
         body = orjson.loads(value)
-        text = gzip.decompress(base64.b64decode(body["model_gzip_base64"], validate=True)).decode()
+        text = _gunzip(base64.b64decode(body["model_gzip_base64"], validate=True)).decode()
         version, meta = body["version"], body.get("meta") or {}
         history = tuple(str(v) for v in body.get("history") or ())[:HISTORY]
         promoted_at = body.get("promoted_at")
@@ -93,3 +100,11 @@ def parse(key: bytes | None, value: bytes | None, pipelines) -> tuple[Promotion 
         return None, f"the model text does not hash to its version {version!r:.40}"
     return Promotion(pipeline, role, version, text, meta, history,
                      promoted_at if isinstance(promoted_at, int) else None), None
+
+
+def _gunzip(packed: bytes) -> bytes:
+    unpacking = zlib.decompressobj(wbits=31)  # gzip framing
+    text = unpacking.decompress(packed, MAX_MODEL_TEXT_BYTES)
+    if unpacking.unconsumed_tail or not unpacking.eof:
+        raise ValueError(f"the model unpacks to more than {MAX_MODEL_TEXT_BYTES:,} bytes, or is cut short")
+    return text

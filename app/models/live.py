@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app import metrics
 from app.kafka import broadcast
-from app.models import control, registry
+from app.models import control, model_text, registry
 from app.models.control import Promotion
 from app.models.scorer import Scorer
 
@@ -64,6 +64,7 @@ class LiveModels:
             log.info("%s challenger %s scores in shadow beside %s", name, model.version, self.champion.version)
 
     async def _load(self, promotion: Promotion) -> Scorer:
+        model_text.check(promotion.model_text.encode())  # before anything reads it (BadModel: refused)
         folder = self.store / promotion.version
         if not (folder / registry.META).exists():
             registry.save(self.store, promotion.model_text, {**promotion.meta, "version": promotion.version})

@@ -18,6 +18,8 @@ import numpy as np
 import orjson
 from llvmlite import binding as llvm
 
+from app.models import model_text
+
 
 class ModelMismatch(RuntimeError):
     pass
@@ -30,6 +32,7 @@ class Scorer:
         if not model_file.exists() or not meta_file.exists():
             raise ModelMismatch(f"no model in {model_dir}: run `make model` (or `scoring train`)")
         self.meta = orjson.loads(meta_file.read_bytes())
+        model_text.check(model_file.read_bytes())
         self.booster = lgb.Booster(model_file=str(model_file))
         found = tuple(self.booster.feature_name())
         if found != tuple(feature_names) or tuple(self.meta.get("features", ())) != tuple(feature_names):

@@ -44,9 +44,12 @@ class Pipeline:
 
 
 _ID = Field("event_id", str)
+# A state key is a table key: no control characters, which no real id has and which let a key be
+# the store's own bookkeeping key (Faust's persisted offset is b"__faust\x00offset__").
+_KEY = re.compile(r"[^\x00-\x1f\x7f]+")
 CART_SCHEMA = Schema("CartEvent", (
     _ID,
-    Field("user_id", str),
+    Field("user_id", str, pattern=_KEY),
     timestamp(),
     Field("type", str, choices=frozenset(session.EVENT_TYPES)),
     Field("product_id", str, required=False),
@@ -67,7 +70,7 @@ def _cart_output(event: dict, state: dict, score: float, reasons: list | None) -
 
 FRAUD_SCHEMA = Schema("Transaction", (
     Field("txn_id", str),
-    Field("card_id", str),
+    Field("card_id", str, pattern=_KEY),
     timestamp(),
     Field("amount", float, minimum=0.0, exclusive_min=True, maximum=1e7),
     Field("currency", str, pattern=re.compile(r"[A-Z]{3}")),       # ISO 4217

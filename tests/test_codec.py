@@ -59,6 +59,7 @@ def test_page_view_needs_no_product():
     (orjson.dumps({**GOOD, "quantity": 0}), "validate"),
     (orjson.dumps({**GOOD, "quantity": True}), "validate"),
     (orjson.dumps({**GOOD, "user_id": ""}), "validate"),
+    (orjson.dumps({**GOOD, "user_id": "__faust\x00offset__"}), "validate"),  # the store's own key (before: accepted)
     (orjson.dumps({k: v for k, v in GOOD.items() if k != "product_id"}), "validate"),
 ])
 def test_poison_is_rejected_with_its_stage(raw, stage):

@@ -5,6 +5,7 @@ only the rest. Standby copies (app/kafka/standby.py) are written the same way as
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -77,6 +78,18 @@ def test_a_restored_record_anyone_wrote_makes_dead_letters_not_a_crash_loop(brok
         finally:
             await producer.stop()
     asyncio.run(mangle_statistics())
+
+    async def unstorable() -> None:
+        """Before: a record without a key stopped the restore, then Faust's recovery, for good."""
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            partition = key_hash(b"ok") % 4
+            await producer.send_and_wait(CHANGELOG, record("ok", 9, 0), key=None, partition=partition)
+            await producer.send_and_wait(CHANGELOG, record("ok", 9, 0), key=b"__faust\x00offset__", partition=partition)
+        finally:
+            await producer.stop()
+    asyncio.run(unstorable())
     w = workers("w1", env={"PIPELINES": "cart"})
     cart = configured()["cart"]
     events = [{"event_id": f"h-{u}", "user_id": u, "ts": 1_700_000_001_000, "type": "page_view", "category": "books",
@@ -94,6 +107,25 @@ def test_a_restored_record_anyone_wrote_makes_dead_letters_not_a_crash_loop(brok
     wait_until(lambda: get_json(w.url, "/dead-letters").get("total") == 2, timeout=30,
                what="the dead letters counted, the mangled statistics started anew")
     assert "could not be read; counting anew" in w.log()
+    assert "2 changelog records no store can hold" in w.log()
+
+
+def test_faust_s_own_recovery_skips_what_no_store_can_hold(tmp_path):
+    """The bulk restore hands Faust's recovery what is left (after a deadline or a failure): its
+    apply_changelog_batch raised on a record without a key, and kept it for the next try."""
+    from faust.stores.rocksdb import Store as FaustStore
+
+    from app.kafka import patches
+    patches.install(fetch_wait_ms=10)
+    store = Store(tmp_path / "db")
+    store.use_rocksdict = True
+    store.set_persisted_offset = lambda tp, offset: store.db.put(Store.offset_key, str(offset).encode())
+    tp = TP(CHANGELOG, 0)
+    events = [SimpleNamespace(message=SimpleNamespace(tp=tp, offset=o, partition=0, key=k, value=v))
+              for o, (k, v) in enumerate([(b"a", b"1"), (None, b"2"), (Store.offset_key, b"{}"), (b"b", b"3")])]
+    FaustStore.apply_changelog_batch(store, events, None, None)
+    assert store.db[b"a"] == b"1" and store.db[b"b"] == b"3" and int(store.db[Store.offset_key]) == 3
+    store.db.close()
 
 
 class Store:

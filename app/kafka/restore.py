@@ -25,6 +25,7 @@ import time
 
 import rocksdict
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.stores import rocksdb as faust_rocksdb
 from faust.tables import recovery as faust_recovery
 
 from app import security
@@ -60,18 +61,31 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
+def storable(key) -> bool:
+    """Whether a changelog record's key is one a table's store can hold. Anyone who can write a
+    changelog can write a record without a key (rocksdict refuses it: the restore, retried, would
+    never end) or with the store's own offset key (the next start would read a state record as the
+    persisted offset). Such a record is skipped, here and in Faust's own recovery (app/kafka/patches.py)."""
+    return type(key) is bytes and key != faust_rocksdb.Store.offset_key
+
+
 def stage(batch: rocksdict.WriteBatch, records, end: int | None = None) -> int | None:
     """Records (of one partition, in offset order) up to offset `end` into `batch`, the newest value
     per key winning and a null value deleting; returns the offset of the last one staged."""
-    last = None
+    last, skipped = None, 0
     for r in records:
         if end is not None and r.offset > end:
             break
-        if r.value is None:
+        if not storable(r.key):
+            skipped += 1
+        elif r.value is None:
             batch.delete(r.key)
         else:
             batch.put(r.key, r.value)
         last = r.offset
+    if skipped:
+        log.warning("%s[%s]: %d changelog records no store can hold (no key, or the store's offset key) "
+                    "skipped, the last at offset %s", r.topic, r.partition, skipped, last)
     return last
 
 

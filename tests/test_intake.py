@@ -199,6 +199,19 @@ def test_a_partition_never_committed_is_expected_from_the_start_of_its_log():
     run(main())
 
 
+def test_a_partition_never_committed_starts_where_the_consumer_does_when_that_is_the_end():
+    """With AUTO_OFFSET_RESET=latest the consumer starts a never-committed partition at its end;
+    the guard rewound it to the log's start (the policy was ignored, the backlog scored)."""
+    async def main():
+        guard = OffsetGuard(FakeConsumer({}), FakeProbe(list(range(0, 100))), reset="latest")
+        guard.on_generation(1, [B])
+        assert [r.offset for r in await guard.admit(B, recs(100, 102))] == [100, 101, 102]
+        assert guard.consumer.seeks == []
+        assert await guard.admit(B, recs(104, 105)) == [] and guard.consumer.seeks == [(B, 103)], \
+            "after the start, a hole is a hole"
+    run(main())
+
+
 def test_batch_is_unacked_until_acked_then_every_offset_is_in_fausts_books():
     consumer = FakeConsumer({A: 3})
     batch = Batch(consumer, 1, [(A, recs(1, 5)), (B, recs(0, 1))])
@@ -251,7 +264,7 @@ class FakeApp:
         self.consumer = consumer
         self.consumer_generation_id = 1
         self.monitor = type("Monitor", (), {"stream_inbound_time": {}})()
-        self.conf = type("Conf", (), {"id": "test", "broker": []})()
+        self.conf = type("Conf", (), {"id": "test", "broker": [], "consumer_auto_offset_reset": "earliest"})()
         self.flow_control = type("Flow", (), {"acquire": staticmethod(lambda: asyncio.sleep(0))})()
 
 

@@ -51,3 +51,35 @@ def test_true_ends_of_a_resting_partition_and_of_one_that_keeps_growing(broker):
             await producer.stop()
 
     asyncio.run(main())
+
+
+def test_the_first_record_at_or_after_an_offset_below_the_log_start_is_the_start(broker):
+    """Found in review: the probe left an offset below the log's start to aiokafka's default reset
+    (latest), so it answered with the next new record, and the guard took the records before it for
+    a gap: a group's first start on a topic whose retention had moved its start lost the backlog.
+    Tansu has no DeleteRecords to move a log's start: its consumer is told, as a broker after
+    retention would answer, that the log starts at 5; the records are real."""
+    from app.kafka.probes import LogProbe
+    from faust.types import TP
+
+    async def main():
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            for i in range(10):
+                await producer.send_and_wait("retained", b"r%d" % i, partition=0)
+        finally:
+            await producer.stop()
+        probe = LogProbe(broker.bootstrap, "g")
+        try:
+            assert await probe.first_offset(TP("retained", 0), 3) == 3
+            real = probe._consumer.beginning_offsets
+
+            async def after_retention(tps):
+                return {tp: max(5, o) for tp, o in (await real(tps)).items()}
+            probe._consumer.beginning_offsets = after_retention
+            assert await probe.first_offset(TP("retained", 0), 0) == 5
+            assert await probe.first_offset(TP("retained", 0), 7) == 7
+        finally:
+            await probe.stop()
+    asyncio.run(main())

@@ -267,7 +267,8 @@ class OffsetGuard:
     they went missing in the consumer and are fetched again. For a partition whose committed offset
     Faust does not know (never committed, or not in Faust's books yet), the group's committed offset
     is asked of the broker, and where there is none the partition is expected from the start of its
-    log: a hole at its very start is noticed too (Faust would commit past it).
+    log: a hole at its very start is noticed too (Faust would commit past it). Unless the consumer
+    starts such a partition at its end (AUTO_OFFSET_RESET=latest): then whatever comes first is the start.
 
     A hole shows only when a later record arrives; records the intake dropped at the end of what a
     partition has (`RecordSink.drop`) have none after them. So the guard keeps, per partition, the
@@ -275,9 +276,10 @@ class OffsetGuard:
     RESEEK_S, until the records up to it have been admitted.
     """
 
-    def __init__(self, consumer, probe: LogProbe | None = None) -> None:
+    def __init__(self, consumer, probe: LogProbe | None = None, reset: str = "earliest") -> None:
         self.consumer = consumer
         self.probe = probe
+        self.reset = reset  # where the consumer starts a partition the group never committed
         self.generation = None
         self.expected: dict = {}
         self.unknown: set = set()  # assigned, with no committed offset in Faust's books
@@ -323,6 +325,9 @@ class OffsetGuard:
         try:
             start = await self.probe.committed(tp)
             if start is None:
+                if self.reset == "latest":  # started at the log's end: what comes first is the start
+                    self.unknown.discard(tp)
+                    return True
                 start = await self.probe.first_offset(tp, 0)
         except Exception as exc:
             log.warning("could not read where %s starts: %r", tp, exc)
@@ -415,7 +420,7 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
     app = stream.app
     consumer = app.consumer
     inbound = app.monitor.stream_inbound_time  # Faust's stall check reads when a partition last moved
-    guard = OffsetGuard(consumer, LogProbe(bootstrap_of(app), app.conf.id))
+    guard = OffsetGuard(consumer, LogProbe(bootstrap_of(app), app.conf.id), app.conf.consumer_auto_offset_reset)
     stream.channel.__aiter__()  # subscribes the topics with the conductor, as `async for` would
     while True:
         if writer is not None and not sink.chunks:

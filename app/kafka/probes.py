@@ -71,14 +71,20 @@ class LogProbe:
         return await self._group_reader.committed(TopicPartition(tp.topic, tp.partition))
 
     async def first_offset(self, tp, offset: int) -> int | None:
-        """The offset of the first record at or after `offset` in the log; None if none came within 2 s."""
+        """The offset of the first record at or after `offset` in the log; None if none came within 2 s.
+
+        Below the log's start (retention moved it) that is the start: asked of the broker, not left to
+        the consumer's reset policy (aiokafka's default, latest, answered with the next new record,
+        and the guard took everything before it for a gap)."""
         if self._consumer is None:
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                              fetch_max_wait_ms=100, **security.client_kwargs())
+                                              fetch_max_wait_ms=100, auto_offset_reset="earliest",
+                                              **security.client_kwargs())
             await self._consumer.start()
         probe, target = self._consumer, TopicPartition(tp.topic, tp.partition)
         probe.assign([target])
-        probe.seek(target, offset)
+        start = (await probe.beginning_offsets([target]))[target]
+        probe.seek(target, max(offset, start))
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             got = await probe.getmany(target, timeout_ms=300, max_records=1)

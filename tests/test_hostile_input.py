@@ -206,9 +206,12 @@ def _valid_record(pipe, event: dict) -> dict:
 
 # (which field of a valid state, its new value); st.none: the field removed. Short lists of numbers
 # and values nested too deep for the encoder are what got past the record's checks before.
+# Integers at the edges of 64 bits: orjson reads up to 2**64 - 1 and writes no more (a counter there,
+# plus one, made the state's write raise and the worker exit).
 _changed_fields = st.tuples(st.integers(0, 99), st.one_of(
     _json, st.integers(251, 400).map(Deep), st.just(st.none),
-    st.lists(st.floats(-1e6, 1e6) | st.integers(-10, 10), max_size=4)))
+    st.lists(st.floats(-1e6, 1e6) | st.integers(-10, 10), max_size=4),
+    st.integers(2**64 - 3, 2**64 - 1), st.integers(-2**63, -2**63 + 2)))
 
 
 @per_pipeline(stored=_stored)
@@ -425,6 +428,82 @@ def test_a_stored_state_record_that_is_not_json_makes_its_events_dead_letters_an
     assert (letter.stage, letter.exception) == ("state", "CorruptState") and "not JSON" in letter.message, letter
     assert db[record.key] == b"\x00 not a state", "the record stays as it was, for an operator to look at"
     assert not producer.to("personalization_scores", since)
+
+
+@pytest.mark.parametrize("pipeline", ["cart", "fraud"])
+def test_a_stored_counter_at_the_edge_of_64_bits_is_written_back_and_the_worker_goes_on(processors, pipeline):
+    """Found by review: every integer of a valid state at 2**64 - 1; the event's fold added one, and
+    orjson refused to write the state back: the write raised, the worker exited, at every restart."""
+    processor = processors(pipeline)
+    make = cart_event if pipeline == "cart" else transaction
+    record = keyed(pipeline, make(1, "edge"), next(_offsets))
+    stored = _valid_record(processor.pipeline, make(0, "edge"))
+    stored["state"] = {k: 2**64 - 1 if type(v) is int else v for k, v in stored["state"].items()}
+    db = processor.writer.table.data._db_for_partition(record.partition)
+    db[record.key] = orjson.dumps(stored)
+    since = len(processors.producer.sent)
+
+    assert run(processor, [record]).acked
+    assert len(processors.producer.to(processor.pipeline.output_topic, since)) + \
+        len(processors.producer.to(DEAD_LETTERS, since)) == 1
+
+
+def test_a_stored_state_record_larger_than_any_state_is_a_dead_letter(processors):
+    """Found by review: a 480 kB record (an extra field of numbers written as 1e5) was written back
+    as 1,080,388 bytes, more than the changelog takes: the write failed for good, the worker exited."""
+    processor = processors("cart")
+    record = keyed("cart", cart_event(1, "huge"), next(_offsets))
+    stored = _valid_record(processor.pipeline, cart_event(0, "huge"))
+    raw = _dumps(stored).replace(b'"state":{', b'"state":{"padding":[' + b",".join([b"1e5"] * 30_000) + b"],", 1)
+    db = processor.writer.table.data._db_for_partition(record.partition)
+    db[record.key] = raw
+    since = len(processors.producer.sent)
+
+    assert run(processor, [record]).acked
+    letter, = (Letter.parse(r.headers) for r in processors.producer.to(DEAD_LETTERS, since))
+    assert letter.stage == "state" and "more than a state record's" in letter.message, letter
+    assert db[record.key] == raw
+
+
+def test_a_hop_record_on_another_partition_than_its_key_s_goes_to_the_key_s(processors):
+    """Found by review: a forged hop record for u1 on the wrong partition was folded onto u1's state
+    read there (none: a fresh one), then written, and u1's history on its own partition was
+    replaced by it the next time the key was read from that cache."""
+    from app.pipeline.lineage import origin_headers
+
+    processor = processors("cart")
+    hop_topic = processor.pipeline.repartition_topic
+    right = keyed("cart", cart_event(1, "u-hop"), 1)
+    run(processor, [keyed("cart", cart_event(i, "u-hop"), i) for i in range(1, 6)])
+    wrong = (right.partition + 1) % 4
+    since = len(processors.producer.sent)
+    forged = ConsumerRecord(hop_topic, wrong, 0, right.key, orjson.dumps(cart_event(50, "u-hop")),
+                            origin_headers(("cart_events", right.partition, 50)))
+    run(processor, [forged])
+    sent, = processors.producer.to(hop_topic, since)
+    assert [p for t, p, _ in processors.producer.sent[since:] if t == hop_topic] == [right.partition]
+    assert dict(sent.headers)["origin.offset"] == b"50", "its origin kept"
+    assert processor.read("u-hop")["state"]["events"] == 5, "nothing folded on another partition"
+    run(processor, [ConsumerRecord(hop_topic, right.partition, 1, sent.key, sent.value, sent.headers)])
+    assert processor.read("u-hop")["state"]["events"] == 6
+
+
+def test_forged_origin_partitions_cannot_grow_a_key_s_record_without_bound(processors):
+    """Found by review: every distinct origin.partition on the hop added a stream to the key's record
+    (20,000 of them: 980 kB, more than the changelog takes; the worker exited on the write)."""
+    from app.pipeline.fold import STREAMS_MAX
+    from app.pipeline.lineage import origin_headers
+
+    processor = processors("cart")
+    hop_topic = processor.pipeline.repartition_topic
+    base = keyed("cart", cart_event(0, "u-streams"), 0)
+    forged = [ConsumerRecord(hop_topic, base.partition, i, base.key, orjson.dumps(cart_event(i, "u-streams")),
+                             origin_headers(("cart_events", 100 + i, 1))) for i in range(STREAMS_MAX + 10)]
+    since = len(processors.producer.sent)
+    assert run(processor, forged).acked
+    letters = [Letter.parse(r.headers) for r in processors.producer.to(DEAD_LETTERS, since)]
+    assert len(letters) == 10 and {x.stage for x in letters} == {"headers"}
+    assert len(processor.read("u-streams")["applied"]) == STREAMS_MAX
 
 
 @pytest.mark.parametrize("change", ["nested 300 deep", "activity empty", "null"])

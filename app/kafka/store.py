@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 
 import faust
 import orjson
@@ -40,6 +41,10 @@ RECENT_MAX = 200_000
 # orjson reads JSON nested up to 1024 levels deep but writes only 254: a stored value nested deeper
 # could be read and folded, then not written back.
 MAX_DEPTH = 250
+# A state record is bounded by its domain (a card's, the largest, is at most about 16 KB); one
+# larger was written by someone else, and folded and written back it could outgrow what the
+# changelog takes (1 MB): the write fails for good and the worker exits, at every restart again.
+MAX_RECORD_BYTES = 64 << 10
 
 
 class Undecodable(str):
@@ -59,6 +64,8 @@ def _depth(value) -> int:
 
 
 def _decode(raw: bytes):
+    if len(raw) > MAX_RECORD_BYTES:
+        return Undecodable(f"{len(raw):,} bytes, more than a state record's {MAX_RECORD_BYTES:,}")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -68,6 +75,16 @@ def _decode(raw: bytes):
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         return Undecodable(f"nested more than {MAX_DEPTH} levels deep")
     return value
+
+
+def _encode(value) -> bytes:
+    try:
+        return encode(value)
+    except TypeError:
+        # an integer past 64 bits, which orjson cannot write: grown from one that a changelog
+        # record held (orjson reads up to 2**64 - 1). Written as JSON all the same, it reads back
+        # as a float; the domain then fails that key's events, never the write.
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 class GatedTable(faust.Table):
@@ -126,7 +143,7 @@ class GatedTable(faust.Table):
         recent = self.recent
         by_partition: dict[int, list] = {}
         for partition, key, value in rows:
-            k, v = key.encode(), encode(value)
+            k, v = key.encode(), _encode(value)
             recent[key] = (generation, v)
             entries = by_partition.get(partition)
             if entries is None:

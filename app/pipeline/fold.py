@@ -13,6 +13,11 @@ from app.pipelines import Pipeline
 # Replayed events applied per key, remembered by lineage so that a second replay of the same dead
 # letter changes nothing; the oldest is forgotten first (bounded state).
 REPLAYED_MAX = 32
+# Streams a key's record remembers an offset of: two per partition of its input topic (the records
+# keyed right, and those that took the hop), so inputs of up to 512 partitions. The hop's origin
+# headers name the stream, and anyone can write them: without a bound, forged partitions grew a
+# record past what the changelog takes (20,000 of them: 980 KB), and the worker exited on its write.
+STREAMS_MAX = 1024
 
 
 class CorruptState(ValueError):
@@ -33,6 +38,8 @@ def unpack(pipeline: Pipeline, record) -> tuple[dict, dict, list]:
         raise CorruptState("the stored state record has no 'state' object")
     if not isinstance(applied, dict) or not all(type(v) is int for v in applied.values()):
         raise CorruptState("the stored state record's 'applied' is not a map of offsets")
+    if len(applied) > STREAMS_MAX:
+        raise CorruptState(f"the stored state record's 'applied' has {len(applied)} streams, more than {STREAMS_MAX}")
     if not isinstance(replayed, list) or not all(isinstance(x, str) for x in replayed):
         raise CorruptState("the stored state record's 'replayed' is not a list of lineages")
     return state, dict(applied), list(replayed)  # copied once per key: the record is shared with readers
@@ -96,6 +103,10 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
         replay = it.replay
         if replay is not None and replay[0] in replayed or replay is None and applied.get(it.stream, -1) >= it.origin[2]:
             it.duplicate = True
+            continue
+        if replay is None and it.stream not in applied and len(applied) >= STREAMS_MAX:
+            it.fail("headers", ValueError(f"the key's record remembers {STREAMS_MAX} streams already, not "
+                                          f"{it.stream!r:.60}: a forged origin partition?"))
             continue
         try:
             new = apply(state, it.value)

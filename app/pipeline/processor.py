@@ -128,7 +128,8 @@ class Processor:
     def _admit(self, items: list[Item]) -> tuple[dict[str, list[Item]], list[Item]]:
         """Read each record's identity, decode and validate it; group the valid items by state key
         (arrival order within a key), or set them aside for the repartition hop when they are not
-        keyed by the state key or not on its partition. Whatever one record raises, of any class
+        keyed by the state key or not on its partition (a record that came through the hop and is
+        still not: forged, sent on to the right partition). Whatever one record raises, of any class
         (msgspec raises RecursionError on deep nesting), makes that record a dead letter."""
         p = self.pipeline
         hop, schema, max_bytes, check, key_field, source = (p.repartition_topic, p.schema, self.max_event_bytes,
@@ -156,7 +157,10 @@ class Processor:
             except Exception as exc:
                 it.fail(stage, exc)
                 continue
-            if msg.topic != hop and (msg.key != raw or msg.partition != partition):
+            if msg.key != raw or msg.partition != partition:
+                # not keyed by the state key or not on its partition: through the hop. A hop record
+                # too (only a forged one is), else its key's state would be read and written on
+                # another partition than the key's.
                 forward.append(it)
             elif key in by_key:
                 by_key[key].append(it)
@@ -238,8 +242,9 @@ class Processor:
         coordinates of the record the producer wrote (any copy of those headers it carried is dropped)."""
         msg = item.record
         headers = [(deadletters.sendable_name(k), v) for k, v in (msg.headers or ()) if k not in lineage.ORIGIN]
-        return Record(self.pipeline.repartition_topic, self._route(item.key)[0], msg.value,
-                      headers + lineage.origin_headers(item.origin), owner=item)
+        raw, partition = self._route(item.key)
+        return Record(self.pipeline.repartition_topic, raw, msg.value, headers + lineage.origin_headers(item.origin),
+                      owner=item, partition=partition)
 
     def _dead_letter(self, item: Item, now_ms: int) -> Record:
         msg = item.record

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def exit_worker(name: str, exc: BaseException) -> None:
-    log.critical("unexpected error in %s pipeline; exiting so the batch is replayed", name, exc_info=exc)
+    log.critical("unexpected error in the %s agent; exiting so the batch is replayed", name, exc_info=exc)
     os._exit(70)
 
 

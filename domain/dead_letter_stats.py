@@ -6,6 +6,10 @@ message, source topic, partition, offset, attempts, ts); any object with those a
 from __future__ import annotations
 
 RECENT = 20  # samples kept per partition
+REASONS = 64  # distinct stage|exception counted per partition; the rest under OTHER
+OTHER = "(other)|(other)"
+SAMPLE_TEXT = 120  # characters kept of each text in a sample
+COUNT_MAX = 2**62  # a stored count above this was not counted here (and +1 must stay writable)
 
 
 def new_stats() -> dict:
@@ -15,8 +19,9 @@ def new_stats() -> dict:
 def readable(stats) -> bool:
     """Whether a stored record is one `apply` and `merge` can read (the changelog it is restored from
     can hold anything anyone wrote to it)."""
-    return (isinstance(stats, dict) and type(stats.get("applied")) is int
-            and isinstance(stats.get("counts"), dict) and all(type(n) is int for n in stats["counts"].values())
+    return (isinstance(stats, dict) and type(stats.get("applied")) is int and -1 <= stats["applied"] < 2**63 - 1
+            and isinstance(stats.get("counts"), dict) and len(stats["counts"]) <= REASONS + 1
+            and all(type(n) is int and 0 <= n < COUNT_MAX for n in stats["counts"].values())
             and all(isinstance(k, str) and "|" in k for k in stats["counts"])
             and isinstance(stats.get("recent"), list) and all(isinstance(r, dict) for r in stats["recent"]))
 
@@ -25,22 +30,28 @@ def apply(stats: dict, offset: int, letter, value: bytes | None) -> dict:
     """Fold one dead letter in; a replayed offset (at or below `applied`) changes nothing."""
     if offset <= stats["applied"]:
         return stats
-    stage, exception = (letter.stage or "?")[:64], (letter.exception or "?")[:128]
-    key = f"{stage.replace('|', '/')}|{exception}"
+    stage, exception = (letter.stage or "?")[:64].replace("|", "/"), (letter.exception or "?")[:128]
+    key = f"{stage}|{exception}"
+    if key not in stats["counts"] and len(stats["counts"]) >= REASONS:  # anyone can write a letter's headers
+        key = OTHER
     counts = {**stats["counts"], key: stats["counts"].get(key, 0) + 1}
     sample = {
-        "stage": letter.stage,
-        "exception": letter.exception,
-        "message": letter.message,
-        "topic": letter.topic,
+        "stage": _text(letter.stage),
+        "exception": _text(letter.exception),
+        "message": _text(letter.message),
+        "topic": _text(letter.topic),
         "partition": letter.partition,
         "offset": letter.offset,
-        "attempts": letter.attempts,
+        "attempts": _text(letter.attempts),
         "ts": letter.ts,
         "value": (value or b"")[:200].decode("utf-8", "replace"),
         "dead_letter_offset": offset,
     }
     return {"counts": counts, "recent": ([sample] + stats["recent"])[:RECENT], "applied": offset}
+
+
+def _text(value: str | None) -> str | None:
+    return value if value is None else value[:SAMPLE_TEXT]
 
 
 def merge(many: list[dict]) -> dict:

@@ -369,24 +369,60 @@ def test_6_dead_letter_statistics_take_any_headers():
 
     current = stats.new_stats()
     for i, headers in enumerate([[("errors.stage", None)], [("errors.ts", b"\xff")], [("errors.offset", b"abc")],
-                                 [], [("\udcff", b"x"), ("errors.exception", b"\xc3\x28")]]):
+                                 [], [("\udcff", b"x"), ("errors.exception", b"\xc3\x28")],
+                                 # digits that str.isdigit() takes and int() refuses (before: ValueError,
+                                 # the agent restarted on the same letter forever)
+                                 [("errors.partition", "²".encode()), ("errors.ts", "٣".encode()),
+                                  ("errors.offset", "１".encode()), ("replay.of", "cart_events:²:1".encode())]]):
         current = stats.apply(current, i, Letter.parse(headers), None)
     merged = stats.merge([current])
-    assert merged["total"] == 5 and len(merged["recent"]) == 5
+    assert merged["total"] == 6 and len(merged["recent"]) == 6
+
+
+_text = st.text(min_size=0, max_size=400)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], max_examples=10)
+@given(letters=st.lists(st.tuples(_text, _text, _text, _text, st.binary(max_size=300)), min_size=1, max_size=8),
+       big=st.booleans())
+def test_dead_letter_statistics_stay_a_record_the_changelog_takes_whatever_the_letters_say(letters, big):
+    """Found by review: one letter with a 200 kB message made a 1.2 MB statistics record, and the
+    changelog refused it for good; distinct exception names grew the counts without bound."""
+    from app.kafka.store import MAX_RECORD_BYTES
+    from app.pipeline.codec import encode
+    from domain import dead_letter_stats as stats
+
+    current = stats.new_stats()
+    for i in range(300):
+        stage, exception, message, topic, value = letters[i % len(letters)]
+        if big:
+            exception, message = f"{exception}{i}" + "\U0001F600" * 200, message + "\U0001F600" * 50_000
+        headers = [("errors.stage", stage.encode("utf-8", "replace")), ("errors.exception", exception.encode("utf-8", "replace")),
+                   ("errors.message", message.encode("utf-8", "replace")), ("errors.topic", topic.encode("utf-8", "replace")),
+                   ("errors.attempts", message.encode("utf-8", "replace"))]
+        current = stats.apply(current, i, Letter.parse(headers), value)
+    raw = encode(current)
+    assert len(raw) <= MAX_RECORD_BYTES and stats.readable(orjson.loads(raw))
+    assert stats.merge([current])["total"] == 300
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(stored=_json | st.fixed_dictionaries({"counts": _json, "recent": _json, "applied": _json})
        | st.fixed_dictionaries({"counts": st.dictionaries(st.text(max_size=6).map(lambda t: t + "|e"), st.integers(0, 9)),
                                 "recent": st.lists(st.dictionaries(st.text(max_size=4), _json, max_size=3), max_size=3),
-                                "applied": st.integers(-2, 2**63 - 1)}))
+                                "applied": st.integers(-2, 2**63 - 1)})
+       | st.fixed_dictionaries({"counts": st.dictionaries(st.sampled_from(["a|b", "?|?"]), st.integers(2**62, 2**64 - 1)),
+                                "recent": st.just([]), "applied": st.integers(-1, 5)}))
 def test_stored_dead_letter_statistics_are_read_only_when_they_can_be(stored):
     """The dead-letter agent counts anew on a stored record `readable` refuses (before: the agent
     raised on it); whatever it accepts, a letter can be folded in and the web view merge it."""
+    from app.pipeline.codec import encode
     from domain import dead_letter_stats as stats
 
     if stats.readable(stored):
-        merged = stats.merge([stats.apply(stored, 2**62, Letter.parse([]), b"x")])
+        folded = stats.apply(stored, 2**62, Letter.parse([]), b"x")
+        encode(folded)  # writable (before: a count of 2**64 - 1 plus one was not)
+        merged = stats.merge([folded])
         assert merged["total"] == sum(stored["counts"].values()) + (1 if stored["applied"] < 2**62 else 0)
 
 
@@ -454,7 +490,7 @@ def test_a_stored_state_record_larger_than_any_state_is_a_dead_letter(processors
     processor = processors("cart")
     record = keyed("cart", cart_event(1, "huge"), next(_offsets))
     stored = _valid_record(processor.pipeline, cart_event(0, "huge"))
-    raw = _dumps(stored).replace(b'"state":{', b'"state":{"padding":[' + b",".join([b"1e5"] * 30_000) + b"],", 1)
+    raw = _dumps(stored).replace(b'"state":{', b'"state":{"padding":[' + b",".join([b"1e5"] * 40_000) + b"],", 1)
     db = processor.writer.table.data._db_for_partition(record.partition)
     db[record.key] = raw
     since = len(processors.producer.sent)
@@ -586,3 +622,17 @@ def test_a_quarantined_record_is_a_dead_letter_without_being_read(processors):
     parsed = Letter.parse(letter.headers)
     assert (parsed.stage, parsed.exception, parsed.attempts) == ("quarantine", "PoisonPill", "2")
     assert not processors.producer.to("personalization_scores")
+
+
+def test_a_letter_whose_headers_raise_is_left_uncounted_and_the_partition_goes_on(monkeypatch, caplog):
+    """Before: an exception out of Letter.parse (a digit str.isdigit() takes and int() does not)
+    restarted the agent, which met the same letter again, for ever, its partition never committed."""
+    from agents import dead_letters
+    from domain import dead_letter_stats as stats
+
+    def raising(headers):
+        raise ValueError("unreadable")
+    monkeypatch.setattr(dead_letters.Letter, "parse", staticmethod(raising))
+    record = ConsumerRecord(DEAD_LETTERS, 0, 7, None, b"v", [])
+    folded = dead_letters._fold(stats.new_stats(), record)
+    assert folded["applied"] == 7 and folded["counts"] == {} and "not counted" in caplog.text

@@ -41,10 +41,11 @@ RECENT_MAX = 200_000
 # orjson reads JSON nested up to 1024 levels deep but writes only 254: a stored value nested deeper
 # could be read and folded, then not written back.
 MAX_DEPTH = 250
-# A state record is bounded by its domain (a card's, the largest, is at most about 16 KB); one
-# larger was written by someone else, and folded and written back it could outgrow what the
+# A state record is bounded by its domain (a card's is at most about 16 KB, a partition's dead-letter
+# statistics about 120 KB of worst-case text); one larger was written by someone else, and folded and
+# written back (a float written as 1e15 comes back 4.5 times longer) it could outgrow what the
 # changelog takes (1 MB): the write fails for good and the worker exits, at every restart again.
-MAX_RECORD_BYTES = 64 << 10
+MAX_RECORD_BYTES = 128 << 10
 
 
 class Undecodable(str):

@@ -43,7 +43,7 @@ REPLAY_OF = "replay.of"
 
 OWN_PREFIXES = ("errors.", "replay.")
 MESSAGE_CHARS = 1000
-_LINEAGE = re.compile(r"([^\x00-\x1f:]{1,249}):(\d{1,10}):(\d{1,19})")
+_LINEAGE = re.compile(r"([^\x00-\x1f:]{1,249}):([0-9]{1,10}):([0-9]{1,19})")  # ASCII digits: str's \\d takes '²' too
 
 
 def text(raw: bytes | None) -> str | None:
@@ -121,7 +121,7 @@ def _cut_all(raw: bytes | None, size_h: str, sha_h: str, headers: list) -> list:
 
 
 def _int(raw: str | None, lo: int, hi: int) -> int | None:
-    if raw is None or not raw.isdigit() or len(raw) > 19:
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 19:  # '²'.isdigit(), and int('²') raises
         return None
     n = int(raw)
     return n if lo <= n <= hi else None

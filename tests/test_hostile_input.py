@@ -636,3 +636,34 @@ def test_a_letter_whose_headers_raise_is_left_uncounted_and_the_partition_goes_o
     record = ConsumerRecord(DEAD_LETTERS, 0, 7, None, b"v", [])
     folded = dead_letters._fold(stats.new_stats(), record)
     assert folded["applied"] == 7 and folded["counts"] == {} and "not counted" in caplog.text
+
+
+def test_a_hop_batch_overtaken_by_a_later_one_of_its_partition_is_a_dead_letter_not_retried_behind_it(processors):
+    """Found by review: the hop recognises a record already applied by its origin offset, so a failed
+    batch retried behind a later one of its partition was taken, record by record, for duplicates:
+    no output, no state, no dead letter."""
+    from aiokafka.errors import KafkaConnectionError
+
+    processor = processors("cart")
+    producer = processors.producer
+    hop_topic = processor.pipeline.repartition_topic
+    events = [{**cart_event(i, "u-order"), "category": "c" * 250} for i in range(2500)]
+    records = [keyed("cart", e, 10_000 + i, key=None) for i, e in enumerate(events)]  # unkeyed: all take the hop
+    refused = []
+
+    def refuse(topic, batch):
+        if topic == hop_topic and not refused:
+            refused.append(len(batch))
+            return KafkaConnectionError("a moment of outage")
+        return None
+    producer.refuse = refuse
+    since = len(producer.sent)
+    try:
+        assert run(processor, records).acked
+    finally:
+        producer.refuse = None
+    hops = [int(dict(r.headers)["origin.offset"]) for r in producer.to(hop_topic, since)]
+    letters = [Letter.parse(r.headers) for r in producer.to(DEAD_LETTERS, since)]
+    assert refused and len(hops) + len(letters) == len(records), "several batches to one partition, the first refused"
+    assert hops == sorted(hops), "the hop gets its records in origin order"
+    assert len(letters) == refused[0] and {x.exception for x in letters} == {"Overtaken"}

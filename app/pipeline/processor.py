@@ -62,6 +62,7 @@ class Processor:
         self.scoring = Scoring(pipeline, policy, self.m, faults)
         self.observers: list = []  # called with the scored items of each batch (the web view's ring, ...)
         self._routes: dict[str, tuple[bytes, int]] = {}
+        self._ordered = frozenset([pipeline.repartition_topic])  # see app.pipeline.publish.Overtaken
 
     def partition_of(self, key: bytes) -> int:
         """The key's partition: Kafka's default partitioner, as the producer uses for the repartition hop."""
@@ -98,7 +99,8 @@ class Processor:
         local = [it for its in by_key.values() for it in its]
         records = [it.outgoing for it in local if it.ok] + [self._forward(it) for it in forward]
         failed = await publish(self.producer, records, self.policy,
-                               on_retry=lambda rs: self.m.retries.labels("publish").inc(len(rs)))
+                               on_retry=lambda rs: self.m.retries.labels("publish").inc(len(rs)),
+                               ordered=self._ordered)
         for r in failed:
             r.owner.fail("publish", r.error, attempts=r.attempts)
         for it in local:

@@ -17,27 +17,47 @@ from app.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 
-async def send_round(producer: BatchProducer, records: list[Record]) -> list[Record]:
-    """Send once and await every delivery; the records that failed, each with its `error`."""
+class Overtaken(Exception):
+    """A record whose batch failed after a later batch of its partition was delivered: sent again it
+    would land behind records that came after it, where order is what makes it count."""
+
+
+async def send_round(producer: BatchProducer, records: list[Record], ordered: frozenset = frozenset()) -> list[Record]:
+    """Send once and await every delivery; the records that failed, each with its `error`.
+
+    On a topic of `ordered`, a failed batch that a later batch of its partition overtook fails
+    with `Overtaken`, which is not retried: the repartition hop recognises a record already applied
+    by its origin offset, so a record retried behind a later one of its stream would be taken for
+    one and dropped."""
     sent = await producer.send(records)
     await settle([fut for fut, _ in sent])
     failed = []
-    for fut, members in sent:
+    delivered_after: set = set()  # (topic, partition) of `ordered` with a batch delivered later in `sent`
+    for fut, members in reversed(sent):
         exc = exception_of(fut)
-        if exc is not None:
-            for r in members:
-                r.error = exc
-                failed.append(r)
+        # records of `ordered` topics name their partition (the hop's forwards do)
+        tp = (members[0].topic, members[0].partition) if members[0].topic in ordered else None
+        if exc is None:
+            if tp is not None:
+                delivered_after.add(tp)
+            continue
+        if tp is not None and tp in delivered_after:
+            exc = Overtaken(f"a later batch of {tp[0]}[{tp[1]}] was delivered first; this one failed: {exc!r:.200}")
+        for r in members:
+            r.error = exc
+            failed.append(r)
+    failed.reverse()
     return failed
 
 
-async def publish(producer: BatchProducer, records: list[Record], policy: RetryPolicy, on_retry=None) -> list[Record]:
+async def publish(producer: BatchProducer, records: list[Record], policy: RetryPolicy, on_retry=None,
+                  ordered: frozenset = frozenset()) -> list[Record]:
     """Publish and await delivery; return the records still failing once the budget is spent.
 
-    An error that retrying cannot fix (a record too large, an invalid topic) is not retried."""
+    An error that retrying cannot fix (a record too large, an invalid topic, `Overtaken`) is not retried."""
     pending, given_up = records, []
     async for _ in policy.attempts():
-        pending = await send_round(producer, pending)
+        pending = await send_round(producer, pending, ordered)
         given_up += [r for r in pending if not is_transient(r.error)]
         pending = [r for r in pending if is_transient(r.error)]
         if not pending:

@@ -611,8 +611,40 @@ def test_a_replayed_event_is_applied_once_even_when_replayed_twice(processors):
     run(processor, [first])
     run(processor, [first._replace(offset=41)])  # replayed again, at a new offset
     assert processor.read("u2")["state"]["events"] == 1
-    assert processor.read("u2")["replayed"] == ["cart_events:2:17"]
+    identity, = processor.read("u2")["replayed"]
+    assert identity.startswith("cart_events:2:17#"), "the lineage and a hash of the value"
     assert len(processors.producer.to("personalization_scores")) == 1
+
+
+def test_a_forged_replay_lineage_suppresses_no_other_event(processors):
+    """Found by review: a record of another value claiming a letter's lineage was applied as that
+    replay, and the real replay, later, was taken for a duplicate; a producer copying such headers
+    had every event after the first dropped."""
+    processor = processors("cart")
+    claim = [(deadletters.REPLAY_OF, b"cart_events:1:5"), (deadletters.REPLAY_COUNT, b"1")]
+    forged = [keyed("cart", cart_event(100 + i, "u-claim"), 60 + i, headers=claim) for i in range(3)]
+    run(processor, forged)
+    real = keyed("cart", cart_event(5, "u-claim"), 70, headers=claim)
+    run(processor, [real])
+    assert processor.read("u-claim")["state"]["events"] == 4, "three events with copied headers and the real replay"
+    assert sorted(orjson.loads(o.value)["event_id"] for o in processors.producer.to("personalization_scores")) == \
+        ["e100", "e101", "e102", "e5"]
+
+
+def test_more_replays_of_a_key_than_it_remembers_are_applied_once_after_a_redelivery(processors):
+    """Found by review: a key remembers the last 32 replays; a batch of 40, redelivered after a
+    crash before its commit, was applied again from the first (each pushed the next out)."""
+    from app.pipeline.fold import REPLAYED_MAX
+
+    processor = processors("cart")
+    n = REPLAYED_MAX + 8
+    replays = [keyed("cart", cart_event(i, "u-many"), 200 + i,
+                     headers=[(deadletters.REPLAY_OF, f"cart_events:1:{i}".encode()), (deadletters.REPLAY_COUNT, b"1")])
+               for i in range(n)]
+    run(processor, replays)
+    run(processor, replays)  # the same records again
+    assert processor.read("u-many")["state"]["events"] == n
+    assert len(processors.producer.to("personalization_scores")) == n and duplicates(processor) >= n
 
 
 def test_a_quarantined_record_is_a_dead_letter_without_being_read(processors):

@@ -82,3 +82,22 @@ def test_the_command_line_filters_and_dry_run(broker):
     bad = subprocess.run([sys.executable, "-m", "app.cli", "replay-dead-letters", "--offsets", "9-2",
                           "--broker", broker.url], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--offsets" in bad.stderr
+
+
+def test_a_forged_letter_claiming_a_lineage_does_not_take_the_real_letter_s_place():
+    """Found by review: a letter of any failing record, claiming the lineage of a real one with a
+    replay count of 999999999, superseded it; the real letter was never replayed."""
+    from types import SimpleNamespace
+
+    def letter(offset: int, value: bytes, count: bytes | None):
+        headers = [("errors.stage", b"publish"), ("errors.topic", b"cart_events"), ("errors.partition", b"0"),
+                   ("errors.offset", str(offset).encode())]
+        if count is not None:
+            headers += [("replay.of", b"cart_events:0:100"), ("replay.count", count)]
+        return SimpleNamespace(headers=headers, value=value)
+
+    letters = [(0, 1, letter(100, b'{"real": 1}', None)), (0, 2, letter(555, b'{"forged": 1}', b"999999999"))]
+    outcome = replay.Outcome()
+    chosen = replay.choose("dead_letters", letters, set(), {"cart_events"}, replay.Choice(), outcome)
+    assert [record.value for _, _, record in chosen] == [b'{"real": 1}']
+    assert outcome.at_limit == 1 and outcome.superseded == 0

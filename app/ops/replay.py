@@ -8,12 +8,15 @@
   replayed record carries the identity of the event (`replay.of`, the coordinates of its first
   record) and each key remembers the replays it applied (app/pipeline/lineage.py).
 - A record that failed again after a replay has several letters: only the newest of each event
-  counts, and it is skipped once the event was replayed `--max-replays` times.
+  counts, and it is skipped once the event was replayed `--max-replays` times. An event is its
+  lineage and its value: anyone can write a letter claiming a lineage, and one of another value
+  must not take the real letter's place.
 - The scan reads each partition up to the end it had when the run started, then stops.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -68,18 +71,19 @@ def letter_id(topic: str, partition: int, offset: int) -> bytes:
 def choose(topic: str, letters: list[tuple[int, int, object]], done: set[bytes], inputs: set[str], choice: Choice,
            outcome: Outcome) -> list[tuple[bytes, Letter, object]]:
     """The letters to replay, from (partition, offset, record) of every letter read on `topic`; pure."""
-    newest: dict[str, tuple[bytes, Letter, object]] = {}
+    newest: dict[tuple[str, bytes], tuple[bytes, Letter, object]] = {}
     for partition, offset, record in letters:
         letter = Letter.parse(record.headers)
         if letter.problem is not None:
             outcome.unreplayable += 1
             continue
-        held = newest.get(letter.lineage)
+        event = (letter.lineage, hashlib.sha256(record.value or b"").digest())
+        held = newest.get(event)
         if held is not None:
             outcome.superseded += 1
             if held[1].replay_count > letter.replay_count:
                 continue
-        newest[letter.lineage] = (letter_id(topic, partition, offset), letter, record)
+        newest[event] = (letter_id(topic, partition, offset), letter, record)
     chosen = []
     for ident, letter, record in newest.values():
         if not choice.wants(letter):

@@ -74,7 +74,7 @@ def _cut(raw: bytes | None, limit: int, name: str, size_h: str, sha_h: str, head
 
 
 def build(*, key: bytes | None, value: bytes | None, input_headers, stage: str, error: BaseException,
-          topic: str, partition: int, offset: int, attempts: int, now_ms: int, replay: tuple[str, int] | None,
+          topic: str, partition: int, offset: int, attempts: int, now_ms: int, replay,  # lineage.Replay or None
           max_bytes: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """(key, value, headers) of the letter for one failed record, within `max_bytes` in all."""
     ours = [

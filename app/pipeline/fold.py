@@ -3,7 +3,7 @@
 A key's record is `{"state": ..., "applied": {stream: last offset}, "replayed": [lineage, ...]}`:
 the pipeline's own state (`domain/`) and what is needed to recognise an event already in it
 (`app/pipeline/lineage.py`: per stream of records the last offset applied; replays of dead letters by their
-lineage, the last REPLAYED_MAX of them). An event found in the record is a duplicate: its output was
+identity, the last REPLAYED_MAX of them). An event found in the record is a duplicate: its output was
 delivered before, and it changes nothing.
 """
 from __future__ import annotations
@@ -101,10 +101,10 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
         if it.stage is not None:
             continue
         replay = it.replay
-        if replay is not None and replay[0] in replayed or replay is None and applied.get(it.stream, -1) >= it.origin[2]:
+        if applied.get(it.stream, -1) >= it.origin[2] or replay is not None and replay.identity in replayed:
             it.duplicate = True
             continue
-        if replay is None and it.stream not in applied and len(applied) >= STREAMS_MAX:
+        if it.stream not in applied and len(applied) >= STREAMS_MAX:
             it.fail("headers", ValueError(f"the key's record remembers {STREAMS_MAX} streams already, not "
                                           f"{it.stream!r:.60}: a forged origin partition?"))
             continue
@@ -117,10 +117,9 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
             it.fail("features", exc)
             continue
         state = it.state = new
-        if replay is None:
-            applied[it.stream] = it.origin[2]
-        else:
-            replayed.append(replay[0])
+        applied[it.stream] = it.origin[2]
+        if replay is not None:
+            replayed.append(replay.identity)
             if len(replayed) > REPLAYED_MAX:
                 del replayed[0]
     return applied, replayed

@@ -8,7 +8,12 @@ at or below it changes nothing. Three streams reach a key, each in order:
   producer wrote, carried in `origin.*` headers): a separate stream, because the records of one
   input partition reach the key partly directly and partly through the hop, in another order;
 - replays of dead letters: at a new offset, but the same event, so their identity is the
-  `replay.of` lineage (the coordinates of the event's first record), kept in a bounded set per key.
+  `replay.of` lineage (the coordinates of the event's first record) with a hash of the value, kept
+  in a bounded set per key. The lineage alone is a header anyone can write: a record of another
+  value claiming it took the replay's place (the real replay was then a "duplicate"), and every
+  event of a producer copying such headers was dropped after the first. A replay record's own
+  offset is recorded as for any other record too, so that its redelivery is known without the set
+  (a batch of more replays of a key than the set holds was applied again after a crash).
 
 Headers are untrusted. `origin.*` is only read on the repartition topic, which only this service
 writes; anywhere else it is ignored, so a producer cannot make later events pass for replays. On the
@@ -17,7 +22,9 @@ record is then an ordinary new event.
 """
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
+from typing import NamedTuple
 
 from app.errors import Poison
 from app.pipeline.deadletters import REPLAY_COUNT, REPLAY_OF, parse_lineage
@@ -60,8 +67,14 @@ def _stream(topic: str, partition: int, hop: bool) -> str:
     return f"{topic}:{partition}{HOP_SUFFIX if hop else ''}"
 
 
-def replay_of(record, source_topic: str) -> tuple[str, int] | None:
-    """(lineage, count) of a replayed record; None for any other (or an unreadable replay header)."""
+class Replay(NamedTuple):
+    lineage: str   # the coordinates of the event's first record, as the letters say
+    count: int     # how often it was replayed
+    identity: str  # the lineage and a hash of the value: what a key's record remembers
+
+
+def replay_of(record, source_topic: str) -> Replay | None:
+    """What a replayed record says it is; None for any other (or an unreadable replay header)."""
     if not record.headers:
         return None
     headers = dict(record.headers)
@@ -73,7 +86,7 @@ def replay_of(record, source_topic: str) -> tuple[str, int] | None:
         return None
     count = headers.get(REPLAY_COUNT)
     n = int(count) if isinstance(count, (bytes, bytearray)) and count.isdigit() and len(count) < 10 else 1
-    return lineage, n
+    return Replay(lineage, n, f"{lineage}#{hashlib.sha256(record.value or b'').hexdigest()[:16]}")
 
 
 def origin_headers(origin: tuple[str, int, int]) -> list[tuple[str, bytes]]:

@@ -210,3 +210,27 @@ def test_a_standby_follows_the_changelog_as_it_grows_into_its_store(broker, tmp_
     assert orjson.loads(store.db[mine[2].encode()])["state"]["events"] == 1
     assert any(lag == {tp: 0} for lag in lags), f"caught up, it reports no lag: {lags[-3:]}"
     store.db.close()
+
+
+def test_a_restore_gives_up_within_its_deadline_when_the_broker_does_not_answer():
+    """Found by review: the deadline counted from after the consumer's start, which waits ~40 s for
+    a broker that accepts connections and answers nothing, inside Faust's own timeout for the step."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepts, never answers
+    try:
+        async def main():
+            tp = TP(CHANGELOG, 0)
+            task = asyncio.ensure_future(restore(f"127.0.0.1:{server.getsockname()[1]}", {tp: None}, {tp: -1},
+                                                 {tp: 10}, deadline_s=1.0))
+            done, _ = await asyncio.wait([task], timeout=8)
+            if not done:
+                task.cancel()
+            assert done, "still starting its consumer"
+            with pytest.raises(asyncio.TimeoutError):
+                task.result()
+        asyncio.run(main())
+    finally:
+        server.close()

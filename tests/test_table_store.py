@@ -44,3 +44,36 @@ def test_a_crash_loses_unflushed_writes_only_without_the_wal(tmp_path, mode, sur
         db.close()
     assert all((v is not None) == survives for v in values)
     assert (offset is not None) == survives
+
+
+def test_a_recovery_step_that_times_out_exits_the_worker_instead_of_ending_recovery(monkeypatch):
+    """Found by review: mode reports a step's timeout (a broker outage longer than
+    broker_request_timeout) as the service stopped; Faust's recovery loop then ended quietly and the
+    worker stayed in its group, its partitions paused and /health 200. Patch 8 exits instead; a real
+    stop still ends recovery."""
+    import asyncio
+
+    import mode
+    from faust.tables.recovery import ServiceStopped
+
+    from app.kafka import patches
+
+    class Step(mode.Service):
+        signal_recovery_start = None
+
+    exits = []
+    monkeypatch.setattr(patches.os, "_exit", exits.append)
+
+    async def main():
+        step = Step()
+        step.signal_recovery_start = asyncio.Event()
+        with pytest.raises(ServiceStopped):  # what Faust's own _wait does with it: the loop breaks
+            await patches._recovery_wait(step, asyncio.sleep(5), timeout=0.05)
+        with pytest.raises(ServiceStopped):  # past the exit, which the test made return
+            await patches.recovery_wait_or_exit(step, asyncio.sleep(5), timeout=0.05)
+        assert exits == [70]
+        step._stopped.set()
+        with pytest.raises(ServiceStopped):
+            await patches.recovery_wait_or_exit(step, asyncio.sleep(5), timeout=0.05)
+        assert exits == [70], "a real stop is no reason to exit"
+    asyncio.run(main())

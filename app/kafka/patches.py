@@ -1,4 +1,4 @@
-"""Seven narrow patches to Faust 0.15 and aiokafka, each for a reason that cannot wait upstream.
+"""Eight narrow patches to Faust 0.15 and aiokafka, each for a reason that cannot wait upstream.
 
 1. Fetch wait as a setting. Faust hard-codes `fetch_max_wait_ms=1500` for the worker consumer.
    Real Kafka answers a fetch as soon as data arrives, so there it only bounds idle polling; Tansu
@@ -41,15 +41,22 @@
 7. Faust's own recovery skips changelog records no store can hold (`app.kafka.restore.storable`):
    one record without a key made every write of its recovery buffer raise, and the recovery never
    ended (the partitions stayed paused, /ready said 503, at every start).
+
+8. A table recovery step that outlasts `broker_request_timeout` (a broker outage) exits the worker.
+   Faust awaits each step with mode's `wait_first`, which reports a timeout as the service stopped:
+   the recovery loop ended quietly, and the worker stayed in its group with its partitions paused,
+   its /health saying 200, until someone noticed. A restart recovers anew.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 import types
 
 import rocksdict
 from faust.stores import rocksdb as faust_rocksdb
+from faust.tables import recovery as faust_recovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
@@ -61,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _open_store = faust_rocksdb.RocksDBOptions.open
 _apply_changelog_batch = faust_rocksdb.Store.apply_changelog_batch
+_recovery_wait = faust_recovery.Recovery._wait
 _as_options = faust_rocksdb.RocksDBOptions.as_options
 _Thread = faust_aiokafka.AIOKafkaConsumerThread
 _create_worker_consumer = _Thread._create_worker_consumer
@@ -132,6 +140,18 @@ def rocksdb_options(block_cache: rocksdict.Cache) -> rocksdict.Options:
     return options
 
 
+async def recovery_wait_or_exit(self, coro, timeout=None):
+    """`Recovery._wait`, except that a step that timed out exits the worker (patch 8)."""
+    try:
+        return await _recovery_wait(self, coro, timeout=timeout)
+    except faust_recovery.ServiceStopped:
+        if not self._stopped.is_set() and not self._crashed.is_set():  # not stopped: the step timed out
+            log.critical("table recovery: a step took longer than %s s (is the broker reachable?); exiting so "
+                         "that a restart recovers anew", timeout)
+            os._exit(70)
+        raise
+
+
 def install(fetch_wait_ms: int, producer_options: dict | None = None, consumer_options: dict | None = None,
             block_cache_mb: int = 256) -> None:
     """Install the patches (once per process: the first worker's settings are the process's)."""
@@ -194,6 +214,7 @@ def install(fetch_wait_ms: int, producer_options: dict | None = None, consumer_o
         _apply_changelog_batch(self, [e for e in batch if storable(e.message.key)], to_key, to_value)
 
     faust_rocksdb.RocksDBOptions.open = open_without_wal
+    faust_recovery.Recovery._wait = recovery_wait_or_exit
     faust_rocksdb.Store.apply_changelog_batch = apply_changelog_batch
     faust_rocksdb.RocksDBOptions.as_options = as_options
     _Thread._create_worker_consumer = create_worker_consumer

@@ -109,7 +109,12 @@ async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadli
     if not todo:
         return {}
     consumer = changelog_consumer(bootstrap, fetch_max_wait_ms=100)
-    await consumer.start()
+    deadline = time.monotonic() + deadline_s  # the start counts too: a broker away must not eat Faust's step
+    try:
+        await asyncio.wait_for(consumer.start(), deadline_s)
+    except BaseException:
+        await stop_consumer(consumer)
+        raise
     done: dict = {}
     try:
         consumer.assign(list(todo))
@@ -118,7 +123,6 @@ async def restore(bootstrap: str, stores: dict, starts: dict, ends: dict, deadli
         batches = {target: rocksdict.WriteBatch(raw_mode=True) for target in todo}
         pending = dict.fromkeys(todo, 0)
         last: dict = {}
-        deadline = time.monotonic() + deadline_s
 
         def written(target, offset: int) -> None:
             tp = todo[target]

@@ -182,6 +182,46 @@ def test_a_worker_that_lost_a_partition_does_not_write_its_state_over_the_new_ow
                                                        for r in records if r.partition != kept)
 
 
+def test_a_partition_lost_while_its_changelog_delivery_is_retried_is_neither_rewritten_nor_marked_read(harness):
+    """Found by review: the retry of a failed changelog delivery rewrote every key and stored every
+    partition's persisted offset, also of a partition that had moved meanwhile: an old value after
+    the new owner's, and an offset claiming the new owner's records as read."""
+    from aiokafka.errors import KafkaConnectionError
+    from faust.types import TP
+
+    processor, producer, table = harness(flush_events=1000, flush_ms=60_000)
+    records = cart_records([event(i, f"v{i}") for i in range(8)])
+    kept = records[0].partition
+    lost = {r.partition for r in records} - {kept}
+    assert lost, "users on several partitions"
+    held = {TP("cart_events", p) for p in range(4)}
+    processor.writer.assignment = lambda: set(held)
+    deliver = producer.send_batch
+    sent: list = []
+    refused: list = []
+
+    async def refuse_once(batch, topic, partition):
+        if topic.endswith("changelog"):
+            sent.append(partition)
+            if partition in lost and not refused:
+                refused.append(partition)
+                held.difference_update({TP("cart_events", p) for p in lost})  # a rebalance while it is retried
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(KafkaConnectionError("a moment of outage"))
+                return fut
+        return await deliver(batch, topic, partition)
+    producer.send_batch = refuse_once
+
+    async def run():
+        await processor.handle(FakeBatch(records, 1))
+        await processor.writer.drain()
+    asyncio.run(run())
+    changelog = table.changelog_topic.get_topic_name()
+    assert refused and sent.count(refused[0]) == 1, "the refused partition, lost meanwhile, is not written again"
+    for p in lost:
+        assert table.data.persisted_offset(TP(changelog, p)) is None, f"partition {p} not marked read"
+
+
 @pytest.mark.parametrize("bad_every", [0, 7], ids=["all-valid", "with-dead-letters"])
 def test_a_handled_batch_leaves_no_cyclic_garbage(harness, bad_every):
     """Refcounting alone frees a batch once handled: an item and its output record referring to each

@@ -161,17 +161,22 @@ class GatedTable(faust.Table):
             self.unconfirmed += [(fut, tp, keys) for fut, keys in
                                  await self.producer.send_partition(topic, partition, entries)]
 
-    async def confirm(self, policy: RetryPolicy, rewrite) -> None:
+    async def confirm(self, policy: RetryPolicy, rewrite, owned=lambda: None) -> None:
         """Await the changelog deliveries; on failure rewrite the keys (the value is the whole state).
 
         `rewrite(keys)` may be a coroutine function. The persisted changelog offset of each
         partition (where recovery resumes) is stored once its records are delivered, as Faust
-        does per delivery.
+        does per delivery. `owned()` says which partitions this worker still holds (None: all):
+        a partition that moved while its delivery was retried is neither rewritten (its new owner
+        writes it) nor given a persisted offset (that would claim its new owner's records as read).
         """
-        failed: list[str] = []
+        failed: list[tuple[int, str]] = []  # (partition, key)
         async for _ in policy.attempts(forever=True):
+            now = owned()
+            if failed and now is not None:
+                failed = [(p, k) for p, k in failed if p in now]
             if failed:
-                result = rewrite(failed)
+                result = rewrite([k for _, k in failed])
                 if inspect.isawaitable(result):
                     await result
             pending, self.unconfirmed = self.unconfirmed, []
@@ -182,12 +187,14 @@ class GatedTable(faust.Table):
                 if exc is not None:
                     if not is_transient(exc):  # a state write that can never succeed: a fault of the process
                         raise exc
-                    failed += [k.decode() for k in keys]
+                    failed += [(tp.partition, k.decode()) for k in keys]
                     continue
                 last = fut.result().offset + len(keys) - 1  # a batch reports its first offset
                 delivered[tp] = max(last, delivered.get(tp, -1))
+            now = owned()
             for tp, offset in delivered.items():
-                self.data.set_persisted_offset(tp, offset)
+                if now is None or tp.partition in now:
+                    self.data.set_persisted_offset(tp, offset)
             if not failed and not self.unconfirmed:
                 return
 

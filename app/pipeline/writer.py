@@ -124,7 +124,8 @@ class StateWriter:
         await self._written()
 
     async def _confirm(self, batches: list, rows: dict, generation, t0: float) -> None:
-        await self.table.confirm(self.policy, lambda keys: self.table.put_many([rows[k] for k in keys], generation))
+        await self.table.confirm(self.policy, lambda keys: self.table.put_many([rows[k] for k in keys], generation),
+                                 owned=self._owned)
         if self.flush_seconds is not None:
             self.flush_seconds.observe(time.perf_counter() - t0)
         owned = self._owned()

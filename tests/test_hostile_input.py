@@ -699,3 +699,25 @@ def test_a_hop_batch_overtaken_by_a_later_one_of_its_partition_is_a_dead_letter_
     assert refused and len(hops) + len(letters) == len(records), "several batches to one partition, the first refused"
     assert hops == sorted(hops), "the hop gets its records in origin order"
     assert len(letters) == refused[0] and {x.exception for x in letters} == {"Overtaken"}
+
+
+def test_the_dead_letter_view_reads_one_record_per_partition_however_many_keys_the_table_holds():
+    """Found by review: every /dead-letters and /stats request read every key of the statistics
+    table, whose changelog anyone can fill with a million keys, on the event loop, every 2 s."""
+    from types import SimpleNamespace
+
+    from app.web.tables import dead_letter_summary
+    from domain import dead_letter_stats as stats
+
+    class Table:
+        changelog_topic = SimpleNamespace(get_topic_name=lambda: "scoring-dead_letter_stats-changelog")
+
+        def keys(self):
+            raise AssertionError("the table was scanned")
+
+    read = []
+    stored = {"p1": stats.apply(stats.new_stats(), 0, Letter.parse([("errors.stage", b"decode")]), b"v")}
+    writer = SimpleNamespace(read=lambda k: read.append(k) or stored.get(k), unwritten_keys=lambda: [])
+    service = SimpleNamespace(dead_letters=SimpleNamespace(table=Table(), writer=writer),
+                              settings=SimpleNamespace(partitions=4), faust=SimpleNamespace())
+    assert dead_letter_summary(service)["total"] == 1 and read == ["p0", "p1", "p2", "p3"]

@@ -721,3 +721,30 @@ def test_the_dead_letter_view_reads_one_record_per_partition_however_many_keys_t
     service = SimpleNamespace(dead_letters=SimpleNamespace(table=Table(), writer=writer),
                               settings=SimpleNamespace(partitions=4), faust=SimpleNamespace())
     assert dead_letter_summary(service)["total"] == 1 and read == ["p0", "p1", "p2", "p3"]
+
+
+def test_records_retried_after_a_failed_round_keep_their_order(processors):
+    """Found by review of the Overtaken fix: the failed records were collected from the last batch
+    back and then reversed, which reversed each batch too: five hop records of one user refused once
+    went out again as 20004..20000, and the key's owner took four of them for duplicates."""
+    from aiokafka.errors import KafkaConnectionError
+
+    processor = processors("cart")
+    producer = processors.producer
+    hop_topic = processor.pipeline.repartition_topic
+    records = [keyed("cart", cart_event(i, "u-retry"), 20_000 + i, key=None) for i in range(5)]
+    refused = []
+
+    def refuse(topic, batch):
+        if topic == hop_topic and not refused:
+            refused.append(len(batch))
+            return KafkaConnectionError("a moment of outage")
+        return None
+    producer.refuse = refuse
+    since = len(producer.sent)
+    try:
+        assert run(processor, records).acked
+    finally:
+        producer.refuse = None
+    hops = [int(dict(r.headers)["origin.offset"]) for r in producer.to(hop_topic, since)]
+    assert refused == [5] and hops == [20_000 + i for i in range(5)]

@@ -31,22 +31,24 @@ async def send_round(producer: BatchProducer, records: list[Record], ordered: fr
     one and dropped."""
     sent = await producer.send(records)
     await settle([fut for fut, _ in sent])
-    failed = []
+    errors = [exception_of(fut) for fut, _ in sent]
     delivered_after: set = set()  # (topic, partition) of `ordered` with a batch delivered later in `sent`
-    for fut, members in reversed(sent):
-        exc = exception_of(fut)
+    for i in range(len(sent) - 1, -1, -1):  # from the end: which failed batch did a later one overtake
+        members, exc = sent[i][1], errors[i]
         # records of `ordered` topics name their partition (the hop's forwards do)
         tp = (members[0].topic, members[0].partition) if members[0].topic in ordered else None
-        if exc is None:
-            if tp is not None:
-                delivered_after.add(tp)
+        if tp is None:
             continue
-        if tp is not None and tp in delivered_after:
-            exc = Overtaken(f"a later batch of {tp[0]}[{tp[1]}] was delivered first; this one failed: {exc!r:.200}")
-        for r in members:
-            r.error = exc
-            failed.append(r)
-    failed.reverse()
+        if exc is None:
+            delivered_after.add(tp)
+        elif tp in delivered_after and is_transient(exc):  # a permanent error keeps its own name
+            errors[i] = Overtaken(f"a later batch of {tp[0]}[{tp[1]}] was delivered first; this one failed: {exc!r:.200}")
+    failed = []  # in send order, each batch's records in their own order: a retry sends them as before
+    for (_, members), exc in zip(sent, errors):
+        if exc is not None:
+            for r in members:
+                r.error = exc
+                failed.append(r)
     return failed
 
 

@@ -5,10 +5,12 @@ message, source topic, partition, offset, attempts, ts); any object with those a
 """
 from __future__ import annotations
 
+import orjson
+
 RECENT = 20  # samples kept per partition
 REASONS = 64  # distinct stage|exception counted per partition; the rest under OTHER
 OTHER = "(other)|(other)"
-SAMPLE_TEXT = 120  # characters kept of each text in a sample
+SAMPLE_TEXT = 240  # bytes kept of each text in a sample, as JSON writes it (a control character takes 6)
 COUNT_MAX = 2**62  # a stored count above this was not counted here (and +1 must stay writable)
 
 
@@ -30,7 +32,7 @@ def apply(stats: dict, offset: int, letter, value: bytes | None) -> dict:
     """Fold one dead letter in; a replayed offset (at or below `applied`) changes nothing."""
     if offset <= stats["applied"]:
         return stats
-    stage, exception = (letter.stage or "?")[:64].replace("|", "/"), (letter.exception or "?")[:128]
+    stage, exception = _cut((letter.stage or "?").replace("|", "/"), 64), _cut(letter.exception or "?", 128)
     key = f"{stage}|{exception}"
     if key not in stats["counts"] and len(stats["counts"]) >= REASONS:  # anyone can write a letter's headers
         key = OTHER
@@ -51,7 +53,16 @@ def apply(stats: dict, offset: int, letter, value: bytes | None) -> dict:
 
 
 def _text(value: str | None) -> str | None:
-    return value if value is None else value[:SAMPLE_TEXT]
+    return value if value is None else _cut(value, SAMPLE_TEXT)
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` as JSON writes it (escapes included), so that no letter can
+    make the statistics a record larger than the store takes (app/kafka/store.py MAX_RECORD_BYTES)."""
+    text = text[:max_bytes]
+    while len(orjson.dumps(text)) - 2 > max_bytes:
+        text = text[:len(text) * 3 // 4]
+    return text
 
 
 def merge(many: list[dict]) -> dict:

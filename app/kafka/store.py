@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 
 import faust
 import orjson
@@ -41,11 +40,13 @@ RECENT_MAX = 200_000
 # orjson reads JSON nested up to 1024 levels deep but writes only 254: a stored value nested deeper
 # could be read and folded, then not written back.
 MAX_DEPTH = 250
-# A state record is bounded by its domain (a card's is at most about 16 KB, a partition's dead-letter
-# statistics about 120 KB of worst-case text); one larger was written by someone else, and folded and
-# written back (a float written as 1e15 comes back 4.5 times longer) it could outgrow what the
-# changelog takes (1 MB): the write fails for good and the worker exits, at every restart again.
-MAX_RECORD_BYTES = 128 << 10
+# A state record is bounded by its domain: a card's is at most about 75 KB (ids of 256 control
+# characters, each written as 6 bytes) and 120 KB with the most streams (app/pipeline/fold.py
+# STREAMS_MAX), a partition's dead-letter statistics about 50 KB (domain/dead_letter_stats.py). One
+# larger was written by someone else, and folded and written back (a number written as 1e15 comes
+# back 4.5 times longer) it could outgrow what the changelog takes (1 MB): the write would fail for
+# good and the worker exit, at every restart again. 192 KiB written back is at most 864 KB.
+MAX_RECORD_BYTES = 192 << 10
 
 
 class Undecodable(str):
@@ -83,9 +84,20 @@ def _encode(value) -> bytes:
         return encode(value)
     except TypeError:
         # an integer past 64 bits, which orjson cannot write: grown from one that a changelog
-        # record held (orjson reads up to 2**64 - 1). Written as JSON all the same, it reads back
-        # as a float; the domain then fails that key's events, never the write.
-        return json.dumps(value, separators=(",", ":")).encode()
+        # record held (orjson reads up to 2**64 - 1). Written as a float (what orjson reads such a
+        # number back as anyway), and a float past the float range as null, as orjson writes an
+        # infinity: the key goes on with a number that means little, and the write does not fail.
+        return encode(_writable(value))
+
+
+def _writable(value):
+    if type(value) is int and not -2**63 <= value < 2**64:
+        return float(value) if -1e308 < value < 1e308 else None
+    if isinstance(value, dict):
+        return {k: _writable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    return value
 
 
 class GatedTable(faust.Table):

@@ -55,6 +55,14 @@ def test_the_models_training_writes_pass():
     (lambda t: re.sub(rb"\nright_child=-?\d+", b"\nright_child=-99", t, count=1), "has leaf"),
     (lambda t: t.replace(b"\nnum_cat=0", b"\nnum_cat=1", 1), "categorical"),
     (lambda t: t.replace(b"max_feature_idx=", b"max_feature_idx=x", 1), "max_feature_idx"),
+    # found by a review of the first check: each passed it, and LightGBM looped in predict (the first
+    # two) or died in Booster() and predict (the last two)
+    (lambda t: re.sub(rb"\nleft_child=", b"\nleft_child=0 1\rleft_child=", t, count=1), "carriage return"),
+    (lambda t: re.sub(rb"\nleft_child=(\d+)", rb"\nleft_child=0_\1", t, count=1), "not a list of numbers"),
+    (lambda t: t.replace(b"num_tree_per_iteration=1", b"num_tree_per_iteration=0", 1), "num_tree_per_iteration"),
+    (lambda t: t.replace(b"num_tree_per_iteration=1", b"num_tree_per_iteration=2000000000", 1),
+     "num_tree_per_iteration"),
+    (lambda t: re.sub(rb"\nnum_leaves=\d+", b"\nnum_leaves=31\nnum_leaves=4", t, count=1), "twice"),
 ])
 def test_a_forged_model_is_refused_with_the_reason(forge, why):
     text = forge(REAL)
@@ -103,3 +111,17 @@ def test_any_structural_change_is_refused_or_loads_and_predicts(field, tree, at,
         return
     booster = lgb.Booster(model_str=text.decode())
     assert np.isfinite(booster.predict(np.random.default_rng(0).normal(size=(20, 4)), num_threads=1)).all()
+
+
+def test_a_model_whose_compilation_does_not_end_is_refused(tmp_path, monkeypatch):
+    """Found by a review of the check: the compile process had no time limit, and a model made to keep
+    the compiler busy would have held model control, and a core, at every start."""
+    from app.models import live as live_module
+
+    champion = Scorer(MODEL_DIR / "cart", CART.feature_names)
+    models = LiveModels(CART, champion, tmp_path)
+    monkeypatch.setattr(live_module, "COMPILE_TIMEOUT_S", 0.01)
+    key, value = control.encode("cart", "champion", TINY.decode(), {"features": []}, [])
+    promotion, _ = control.parse(key, value, {"cart": CART})
+    asyncio.run(models.apply(promotion))
+    assert models.champion is champion and "took more than" in models.refused[-1]["reason"]

@@ -25,6 +25,9 @@ from app.models.scorer import Scorer
 log = logging.getLogger(__name__)
 
 REFUSED_KEPT = 5
+# The models of these pipelines compile in a few seconds; the bound stops a forged one from holding
+# model control (and a core) at every start.
+COMPILE_TIMEOUT_S = 300.0
 
 
 class LiveModels:
@@ -72,7 +75,12 @@ class LiveModels:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "app.models.compile", str(model_file),
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:  # a model made to take the compiler a very long time
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"compiling the model took more than {COMPILE_TIMEOUT_S:.0f} s") from None
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the model failed: {err.decode(errors='replace')[-300:]}")
         return Scorer(folder, self.pipeline.feature_names)  # ModelMismatch: other features than the code's

@@ -209,6 +209,12 @@ def test_a_partition_never_committed_starts_where_the_consumer_does_when_that_is
         assert guard.consumer.seeks == []
         assert await guard.admit(B, recs(104, 105)) == [] and guard.consumer.seeks == [(B, 103)], \
             "after the start, a hole is a hole"
+        # records the intake dropped before the first admit (a rebalance cleared them): fetched again
+        dropped = OffsetGuard(FakeConsumer({}), FakeProbe(list(range(0, 100))), reset="latest")
+        dropped.on_generation(1, [B])
+        dropped.dropped(B, 100, 104)
+        await dropped.refetch([B])
+        assert dropped.consumer.seeks == [(B, 100)], "before: forgotten, and Faust committed past them"
     run(main())
 
 

@@ -297,6 +297,8 @@ class OffsetGuard:
 
     def dropped(self, tp, first: int, last: int) -> None:
         """Records `first`..`last` of `tp` were delivered by the consumer but never admitted."""
+        if self.reset == "latest" and tp in self.unknown and tp not in self.expected:
+            self.expected[tp] = first  # the consumer started here: the partition's start, for the guard
         self.missing[tp] = max(self.missing.get(tp, -1), last)
 
     def pending(self) -> bool:
@@ -326,7 +328,7 @@ class OffsetGuard:
             start = await self.probe.committed(tp)
             if start is None:
                 if self.reset == "latest":  # started at the log's end: what comes first is the start
-                    self.unknown.discard(tp)
+                    self.unknown.discard(tp)  # (or what `dropped` saw first)
                     return True
                 start = await self.probe.first_offset(tp, 0)
         except Exception as exc:

@@ -16,7 +16,8 @@ at or below it changes nothing. Three streams reach a key, each in order:
   (a batch of more replays of a key than the set holds was applied again after a crash).
 
 Headers are untrusted. `origin.*` is only read on the repartition topic, which only this service
-writes; anywhere else it is ignored, so a producer cannot make later events pass for replays. On the
+should write (a forged origin there can still claim an offset ahead; only the topic's ACLs stop
+that); anywhere else it is ignored, so a producer cannot make later events pass for replays. On the
 repartition topic a malformed origin is a dead letter. A malformed `replay.*` header is ignored: the
 record is then an ordinary new event.
 """

@@ -28,20 +28,29 @@ class CorruptState(ValueError):
 
 def unpack(pipeline: Pipeline, record) -> tuple[dict, dict, list]:
     """(state, applied, replayed) of a key's stored record, checked as far as the fold relies on it
-    (the state's own fields are the domain's: its functions fail per event); a new state for None."""
+    (the state's own fields are the domain's: its functions fail per event); a new state for None.
+    Once per key and batch: plain loops and `type() is`, a third of the time of `all()` over generators."""
     if record is None:
         return pipeline.new_state(), {}, []
-    if not isinstance(record, dict):
+    if type(record) is not dict:
         raise CorruptState(f"the stored state record is not an object: {str(record)[:120]}")
-    state, applied, replayed = record.get("state"), record.get("applied"), record.get("replayed", [])
-    if not isinstance(state, dict):
+    state, applied, replayed = record.get("state"), record.get("applied"), record.get("replayed")
+    if type(state) is not dict:
         raise CorruptState("the stored state record has no 'state' object")
-    if not isinstance(applied, dict) or not all(type(v) is int for v in applied.values()):
+    if type(applied) is not dict:
         raise CorruptState("the stored state record's 'applied' is not a map of offsets")
+    for offset in applied.values():
+        if type(offset) is not int:
+            raise CorruptState("the stored state record's 'applied' is not a map of offsets")
     if len(applied) > STREAMS_MAX:
         raise CorruptState(f"the stored state record's 'applied' has {len(applied)} streams, more than {STREAMS_MAX}")
-    if not isinstance(replayed, list) or not all(isinstance(x, str) for x in replayed):
+    if replayed is None:
+        return state, dict(applied), []
+    if type(replayed) is not list:
         raise CorruptState("the stored state record's 'replayed' is not a list of lineages")
+    for lineage in replayed:
+        if type(lineage) is not str:
+            raise CorruptState("the stored state record's 'replayed' is not a list of lineages")
     return state, dict(applied), list(replayed)  # copied once per key: the record is shared with readers
 
 

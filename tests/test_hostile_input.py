@@ -680,13 +680,22 @@ def test_a_hop_batch_overtaken_by_a_later_one_of_its_partition_is_a_dead_letter_
     """Found by review: the hop recognises a record already applied by its origin offset, so a failed
     batch retried behind a later one of its partition was taken, record by record, for duplicates:
     no output, no state, no dead letter."""
+    events = [{**cart_event(i, "u-order"), "category": "c" * 250} for i in range(2500)]
+    records = [keyed("cart", e, 10_000 + i, key=None) for i, e in enumerate(events)]  # unkeyed: all take the hop
+    hops, letters, refused = _hop_refused_once(processors, records)
+    assert refused and len(hops) + len(letters) == len(records), "several batches to one partition, the first refused"
+    assert hops == sorted(hops), "the hop gets its records in origin order"
+    assert len(letters) == refused[0] and {x.exception for x in letters} == {"Overtaken"}
+
+
+def _hop_refused_once(processors, records) -> tuple[list[int], list, list[int]]:
+    """`records` through a cart processor whose first batch to the repartition topic is refused once
+    (transiently): (origin offsets as the hop received them, the dead letters, the refused batch's size)."""
     from aiokafka.errors import KafkaConnectionError
 
     processor = processors("cart")
     producer = processors.producer
     hop_topic = processor.pipeline.repartition_topic
-    events = [{**cart_event(i, "u-order"), "category": "c" * 250} for i in range(2500)]
-    records = [keyed("cart", e, 10_000 + i, key=None) for i, e in enumerate(events)]  # unkeyed: all take the hop
     refused = []
 
     def refuse(topic, batch):
@@ -701,10 +710,7 @@ def test_a_hop_batch_overtaken_by_a_later_one_of_its_partition_is_a_dead_letter_
     finally:
         producer.refuse = None
     hops = [int(dict(r.headers)["origin.offset"]) for r in producer.to(hop_topic, since)]
-    letters = [Letter.parse(r.headers) for r in producer.to(DEAD_LETTERS, since)]
-    assert refused and len(hops) + len(letters) == len(records), "several batches to one partition, the first refused"
-    assert hops == sorted(hops), "the hop gets its records in origin order"
-    assert len(letters) == refused[0] and {x.exception for x in letters} == {"Overtaken"}
+    return hops, [Letter.parse(r.headers) for r in producer.to(DEAD_LETTERS, since)], refused
 
 
 def test_the_dead_letter_view_reads_one_record_per_partition_however_many_keys_the_table_holds():
@@ -733,24 +739,6 @@ def test_records_retried_after_a_failed_round_keep_their_order(processors):
     """Found by review of the Overtaken fix: the failed records were collected from the last batch
     back and then reversed, which reversed each batch too: five hop records of one user refused once
     went out again as 20004..20000, and the key's owner took four of them for duplicates."""
-    from aiokafka.errors import KafkaConnectionError
-
-    processor = processors("cart")
-    producer = processors.producer
-    hop_topic = processor.pipeline.repartition_topic
     records = [keyed("cart", cart_event(i, "u-retry"), 20_000 + i, key=None) for i in range(5)]
-    refused = []
-
-    def refuse(topic, batch):
-        if topic == hop_topic and not refused:
-            refused.append(len(batch))
-            return KafkaConnectionError("a moment of outage")
-        return None
-    producer.refuse = refuse
-    since = len(producer.sent)
-    try:
-        assert run(processor, records).acked
-    finally:
-        producer.refuse = None
-    hops = [int(dict(r.headers)["origin.offset"]) for r in producer.to(hop_topic, since)]
-    assert refused == [5] and hops == [20_000 + i for i in range(5)]
+    hops, letters, refused = _hop_refused_once(processors, records)
+    assert refused == [5] and hops == [20_000 + i for i in range(5)] and not letters

@@ -729,7 +729,7 @@ def test_the_dead_letter_view_reads_one_record_per_partition_however_many_keys_t
 
     read = []
     stored = {"p1": stats.apply(stats.new_stats(), 0, Letter.parse([("errors.stage", b"decode")]), b"v")}
-    writer = SimpleNamespace(read=lambda k: read.append(k) or stored.get(k), unwritten_keys=lambda: [])
+    writer = SimpleNamespace(read=lambda k: read.append(k) or stored.get(k))
     service = SimpleNamespace(dead_letters=SimpleNamespace(table=Table(), writer=writer),
                               settings=SimpleNamespace(partitions=4), faust=SimpleNamespace())
     assert dead_letter_summary(service)["total"] == 1 and read == ["p0", "p1", "p2", "p3"]

@@ -2,7 +2,8 @@
 beside it (app/models/scorer.py `compiled`), and load and run it once as the worker will. A worker
 that receives a model runs this in a process of its own: compiling takes seconds of CPU that must
 not hold the worker's event loop or its GIL, and a model that kills the process that loads it (a
-forgery that `model_text.check` did not catch) kills this one, and is refused, not the worker.
+forgery that `model_text.check`, run by the worker before this, did not catch) kills this one, and
+is refused, not the worker.
 Whether its features are the code's is the worker's check (`Scorer`)."""
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 
-from app.models import model_text
 from app.models.scorer import compiled
 
 if __name__ == "__main__":
     model_file = Path(sys.argv[1])
-    model_text.check(model_file.read_bytes())
     booster = lgb.Booster(model_file=str(model_file))
     row = np.zeros((1, booster.num_feature()))
     booster.predict(row, pred_contrib=True, num_threads=1)

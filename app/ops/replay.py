@@ -16,13 +16,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
 
 import orjson
 
-from app.pipeline import deadletters
+from app.pipeline import deadletters, lineage
 from app.pipeline.deadletters import Letter
 from app.topology import REPLAYED_SUFFIX
 
@@ -71,13 +70,13 @@ def letter_id(topic: str, partition: int, offset: int) -> bytes:
 def choose(topic: str, letters: list[tuple[int, int, object]], done: set[bytes], inputs: set[str], choice: Choice,
            outcome: Outcome) -> list[tuple[bytes, Letter, object]]:
     """The letters to replay, from (partition, offset, record) of every letter read on `topic`; pure."""
-    newest: dict[tuple[str, bytes], tuple[bytes, Letter, object]] = {}
+    newest: dict[str, tuple[bytes, Letter, object]] = {}
     for partition, offset, record in letters:
         letter = Letter.parse(record.headers)
         if letter.problem is not None:
             outcome.unreplayable += 1
             continue
-        event = (letter.lineage, hashlib.sha256(record.value or b"").digest())
+        event = lineage.identity(letter.lineage, record.value)
         held = newest.get(event)
         if held is not None:
             outcome.superseded += 1

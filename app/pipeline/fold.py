@@ -113,7 +113,7 @@ def fold(pipeline: Pipeline, record: dict | None, items: list[Item]) -> tuple[di
         if applied.get(it.stream, -1) >= it.origin[2] or replay is not None and replay.identity in replayed:
             it.duplicate = True
             continue
-        if it.stream not in applied and len(applied) >= STREAMS_MAX:
+        if len(applied) >= STREAMS_MAX and it.stream not in applied:
             it.fail("headers", ValueError(f"the key's record remembers {STREAMS_MAX} streams already, not "
                                           f"{it.stream!r:.60}: a forged origin partition?"))
             continue

@@ -87,7 +87,13 @@ def replay_of(record, source_topic: str) -> Replay | None:
         return None
     count = headers.get(REPLAY_COUNT)
     n = int(count) if isinstance(count, (bytes, bytearray)) and count.isdigit() and len(count) < 10 else 1
-    return Replay(lineage, n, f"{lineage}#{hashlib.sha256(record.value or b'').hexdigest()[:16]}")
+    return Replay(lineage, n, identity(lineage, record.value))
+
+
+def identity(lineage: str, value: bytes | None) -> str:
+    """A replayed event's identity: its lineage and a hash of its value (the worker's and the replay
+    tool's one definition)."""
+    return f"{lineage}#{hashlib.sha256(value or b'').hexdigest()[:16]}"
 
 
 def origin_headers(origin: tuple[str, int, int]) -> list[tuple[str, bytes]]:

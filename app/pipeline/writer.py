@@ -46,9 +46,6 @@ class StateWriter:
         unwritten = self._unwritten.get(key)
         return unwritten[1] if unwritten is not None else self.table.read(key)
 
-    def unwritten_keys(self) -> list[str]:
-        return list(self._unwritten)
-
     def read_many(self, keys_by_partition: dict[int, list[str]], generation) -> dict[str, dict | None]:
         """Records of keys, grouped by their partition; unwritten first, else one table read per partition."""
         unwritten, records = self._unwritten, {}

@@ -11,6 +11,8 @@ import asyncio
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.dev.inprocess import AckingProducer, ConsumerRecord, FakeBatch, build
 from tests.flows import FLOWS
@@ -251,3 +253,27 @@ def test_a_handled_batch_leaves_no_cyclic_garbage(harness, bad_every):
         gc.set_debug(0)
         gc.garbage.clear()
     assert not left & {"Item", "Record", "traceback", "frame"}, left
+
+
+# Kafka's own test vectors (UtilsTest.testMurmur2), as Java's signed ints.
+JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+                b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
+
+
+@pytest.mark.parametrize("key, java", JAVA_MURMUR2.items())
+def test_murmur2_is_kafkas(key, java):
+    from app.kafka.producer import murmur2
+
+    assert murmur2(key) == java & 0xFFFFFFFF
+
+
+@given(st.binary(max_size=300))
+def test_murmur2_equals_aiokafkas_for_any_key(key):
+    """Keys of any length, past the precompiled word readers (256 bytes) too: the partition of a
+    key must be the one every other Kafka client computes, or its state is read on the wrong worker."""
+    from aiokafka.partitioner import murmur2 as reference
+
+    from app.kafka.producer import murmur2
+
+    assert murmur2(key) == reference(key)

@@ -157,8 +157,10 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
         return intake.sink_for(app, topic, capacity=2 * settings.batch_max, capacity_bytes=settings.intake_max_bytes)
 
     def writer_for(table, name: str) -> StateWriter:
-        return StateWriter(table, policy, settings.state_flush_events, settings.state_flush_ms, name,
-                           flush_seconds=metrics.STATE_FLUSH.labels(name))
+        writer = StateWriter(table, policy, settings.state_flush_events, settings.state_flush_ms, name,
+                             flush_seconds=metrics.STATE_FLUSH.labels(name))
+        writer.on_written = gc_policy.state_written
+        return writer
 
     running = {}
     for name in settings.pipelines:

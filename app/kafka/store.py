@@ -144,19 +144,25 @@ class GatedTable(faust.Table):
                 out[i] = None if raw is None else _decode(raw)
         return out
 
-    async def put_many(self, rows: list[tuple[int, str, dict]], generation) -> None:
-        """Write (partition, key, record) rows: every local store first, then their changelog records.
+    @staticmethod
+    def encode(record) -> bytes:
+        """A record as the table stores it (what `put_many` takes)."""
+        return _encode(record)
 
-        Their encoded bytes are kept as the keys' recent values for reads in the same consumer
-        generation. The local writes all happen before the first await,
+    async def put_many(self, rows: list[tuple[int, str, bytes]], generation) -> None:
+        """Write (partition, key, encoded record) rows: every local store first, then their changelog
+        records.
+
+        The bytes are kept as the keys' recent values for reads in the same consumer generation.
+        The local writes all happen before the first await,
         so a reader (the web view) never finds some partitions written and others not yet.
         """
         if len(self.recent) + len(rows) > self.recent_max // 2:
             self.older, self.recent = self.recent, {}  # bounded: what was not read again is forgotten
         recent = self.recent
         by_partition: dict[int, list] = {}
-        for partition, key, value in rows:
-            k, v = key.encode(), _encode(value)
+        for partition, key, v in rows:
+            k = key.encode()
             recent[key] = (generation, v)
             entries = by_partition.get(partition)
             if entries is None:

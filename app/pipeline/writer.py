@@ -30,6 +30,7 @@ class StateWriter:
         self.flush_events, self.flush_s = flush_events, flush_ms / 1000.0
         self.flush_seconds = flush_seconds  # a histogram of the time from write to confirmation
         self.on_failure = None  # set by the agent: an unexpected error while confirming a write
+        self.on_written = None  # called after each write of the unwritten state (the app's GC policy)
         # set by the agent: the topic-partitions this worker holds now (None: all it is handed)
         self.assignment = None
         self._confirming: asyncio.Future | None = None  # the last write's confirmation and acks
@@ -95,8 +96,7 @@ class StateWriter:
         if not self._waiting:
             return
         await self._written()  # the previous write confirmed and acked: the state writes stay in order
-        rows = {key: (partition, key, record) for key, (partition, record) in self._unwritten.items()}
-        batches = self._waiting
+        unwritten, batches = self._unwritten, self._waiting
         self._unwritten, self._waiting, self._waiting_events = {}, [], 0
         generation = batches[-1].generation
         owned = self._owned()
@@ -105,15 +105,22 @@ class StateWriter:
             # pause) must not write their state over what their new owner writes: the new owner
             # replays them from the committed offsets. (Without transactions a write already under
             # way cannot be fenced; this closes the window to the time one write takes.)
-            lost = {p for p, _, _ in rows.values() if p not in owned}
+            lost = {p for p, _ in unwritten.values() if p not in owned}
             if lost:
                 log.warning("%s partitions %s are no longer assigned here: their unwritten state is "
                             "dropped, their new owner replays it", self.name, sorted(lost))
-                rows = {k: row for k, row in rows.items() if row[0] in owned}
+                unwritten = {k: row for k, row in unwritten.items() if row[0] in owned}
+        encode = self.table.encode
+        # Encoded once: a failed changelog delivery is rewritten from these bytes, and the states
+        # themselves die here, before the garbage collector ever scans them (see app/gc_policy.py).
+        rows = {key: (partition, key, encode(record)) for key, (partition, record) in unwritten.items()}
+        del unwritten
         t0 = time.perf_counter()
         await self.table.put_many(list(rows.values()), generation)
         self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation, t0))
         self._confirming.add_done_callback(self._confirmed)
+        if self.on_written is not None:
+            self.on_written()
 
     async def drain(self) -> None:
         """Write what is unwritten; wait until it is confirmed and every batch handed over is acked."""

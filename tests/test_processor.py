@@ -318,6 +318,36 @@ def test_the_young_generation_is_collected_after_a_state_write_and_otherwise_onl
     assert len(keep) > gc_policy.YOUNG_MAX
 
 
+def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(monkeypatch):
+    """The young collections between batches keep the automatic collection from coming, and only that
+    collected the older generations: a cycle still alive at one young collection (an exception and its
+    traceback, a Faust object) was never freed once it became garbage."""
+    import gc
+    import weakref
+
+    from app import gc_policy
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(gc_policy, "_written", False)
+    old = gc.get_threshold()
+    gc.set_threshold(*gc_policy.AUTOMATIC)
+    try:
+        gc.collect()
+        cycle = Node()
+        cycle.me = cycle
+        freed = weakref.ref(cycle)
+        gc_policy.state_written()
+        gc_policy.between_batches()  # still alive: promoted out of the young generation
+        del cycle
+        for _ in range(200):  # about two minutes of writes, one every STATE_FLUSH_MS
+            gc_policy.state_written()
+            gc_policy.between_batches()
+        assert freed() is None
+    finally:
+        gc.set_threshold(*old)
+
 # Kafka's own test vectors (UtilsTest.testMurmur2), as Java's signed ints.
 JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
                 b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,

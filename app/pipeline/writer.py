@@ -110,12 +110,12 @@ class StateWriter:
                 log.warning("%s partitions %s are no longer assigned here: their unwritten state is "
                             "dropped, their new owner replays it", self.name, sorted(lost))
                 unwritten = {k: row for k, row in unwritten.items() if row[0] in owned}
+        t0 = time.perf_counter()
         encode = self.table.encode
         # Encoded once: a failed changelog delivery is rewritten from these bytes, and the states
         # themselves die here, before the garbage collector ever scans them (see app/gc_policy.py).
         rows = {key: (partition, key, encode(record)) for key, (partition, record) in unwritten.items()}
         del unwritten
-        t0 = time.perf_counter()
         await self.table.put_many(list(rows.values()), generation)
         self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation, t0))
         self._confirming.add_done_callback(self._confirmed)

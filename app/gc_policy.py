@@ -51,7 +51,9 @@ def between_batches() -> None:
         # An explicit collection counts towards the older generations' thresholds, and only an
         # automatic one (which the young collections keep from coming) collects them: a garbage
         # cycle that outlived one young collection was never freed. So the oldest generation past
-        # its threshold is collected here, as the automatic collection would.
+        # its threshold is collected here, as the automatic collection would. A full one, every
+        # hundred writes, took 1-2 ms in the processor holding a million users' caches (the startup
+        # objects are frozen, the caches hold bytes).
         older = gc.get_count()
         for generation in (2, 1):
             if older[generation] > AUTOMATIC[generation]:

@@ -321,7 +321,8 @@ def test_the_young_generation_is_collected_after_a_state_write_and_otherwise_onl
 def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(monkeypatch):
     """The young collections between batches keep the automatic collection from coming, and only that
     collected the older generations: a cycle still alive at one young collection (an exception and its
-    traceback, a Faust object) was never freed once it became garbage."""
+    traceback, a Faust object) was never freed once it became garbage. Now an older generation past
+    its threshold is collected after a young collection, as the automatic collection would."""
     import gc
     import weakref
 
@@ -330,22 +331,40 @@ def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(monkeypatch):
     class Node:
         pass
 
+    def cycle():
+        node = Node()
+        node.me = node
+        return node
+
+    def batches(n: int) -> None:
+        for _ in range(n):
+            gc_policy.state_written()
+            gc_policy.between_batches()
+
+    collections = []
+
+    def seen(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
     monkeypatch.setattr(gc_policy, "_written", False)
     old = gc.get_threshold()
     gc.set_threshold(*gc_policy.AUTOMATIC)
+    gc.callbacks.append(seen)
     try:
         gc.collect()
-        cycle = Node()
-        cycle.me = cycle
-        freed = weakref.ref(cycle)
-        gc_policy.state_written()
-        gc_policy.between_batches()  # still alive: promoted out of the young generation
-        del cycle
-        for _ in range(200):  # about two minutes of writes, one every STATE_FLUSH_MS
-            gc_policy.state_written()
-            gc_policy.between_batches()
-        assert freed() is None
+        collections.clear()
+        middle, oldest = cycle(), cycle()
+        freed_middle, freed_oldest = weakref.ref(middle), weakref.ref(oldest)
+        batches(1)  # both alive: out of the young generation
+        del middle
+        batches(1 + gc_policy.AUTOMATIC[1])  # a middle collection: `oldest`, alive, goes to the oldest
+        assert freed_middle() is None and 1 in collections
+        del oldest
+        batches((gc_policy.AUTOMATIC[1] + 1) * (gc_policy.AUTOMATIC[2] + 1))
+        assert freed_oldest() is None and 2 in collections
     finally:
+        gc.callbacks.remove(seen)
         gc.set_threshold(*old)
 
 # Kafka's own test vectors (UtilsTest.testMurmur2), as Java's signed ints.

@@ -283,47 +283,51 @@ def test_a_write_lets_the_written_states_go_before_its_changelog_is_confirmed(ha
     assert asyncio.run(run()) == set()
 
 
-def test_the_young_generation_is_collected_after_a_state_write_and_otherwise_only_when_large(monkeypatch):
+@pytest.fixture
+def collections(monkeypatch):
+    """The generations the collector collects from here on (a fresh policy, the worker's thresholds)."""
     import gc
 
     from app import gc_policy
 
-    collections = []
+    seen = []
 
-    def seen(phase, info):
+    def record(phase, info):
         if phase == "start":
-            collections.append(info["generation"])
+            seen.append(info["generation"])
 
     monkeypatch.setattr(gc_policy, "_written", False)
     old = gc.get_threshold()
     gc.set_threshold(*gc_policy.AUTOMATIC)
-    gc.callbacks.append(seen)
-    try:
-        gc.collect()
-        collections.clear()
-        keep = [[i] for i in range(gc_policy.YOUNG_MAX // 2)]  # many young objects, below the bound
-        gc_policy.between_batches()
-        assert collections == [], "no write, not past YOUNG_MAX: no collection"
-        gc_policy.state_written()
-        gc_policy.between_batches()
-        assert collections == [0], "after a write: the young generation"
-        gc_policy.between_batches()
-        assert collections == [0], "once per write"
-        keep += [[i] for i in range(gc_policy.YOUNG_MAX + 1)]
-        gc_policy.between_batches()
-        assert collections == [0, 0], "past YOUNG_MAX without a write"
-    finally:
-        gc.callbacks.remove(seen)
-        gc.set_threshold(*old)
+    gc.collect()
+    gc.callbacks.append(record)
+    yield seen
+    gc.callbacks.remove(record)
+    gc.set_threshold(*old)
+
+
+def test_the_young_generation_is_collected_after_a_state_write_and_otherwise_only_when_large(collections):
+    from app import gc_policy
+
+    keep = [[i] for i in range(gc_policy.YOUNG_MAX // 2)]  # many young objects, below the bound
+    gc_policy.between_batches()
+    assert collections == [], "no write, not past YOUNG_MAX: no collection"
+    gc_policy.state_written()
+    gc_policy.between_batches()
+    assert collections == [0], "after a write: the young generation"
+    gc_policy.between_batches()
+    assert collections == [0], "once per write"
+    keep += [[i] for i in range(gc_policy.YOUNG_MAX + 1)]
+    gc_policy.between_batches()
+    assert collections == [0, 0], "past YOUNG_MAX without a write"
     assert len(keep) > gc_policy.YOUNG_MAX
 
 
-def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(monkeypatch):
+def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(collections):
     """The young collections between batches keep the automatic collection from coming, and only that
     collected the older generations: a cycle still alive at one young collection (an exception and its
     traceback, a Faust object) was never freed once it became garbage. Now an older generation past
     its threshold is collected after a young collection, as the automatic collection would."""
-    import gc
     import weakref
 
     from app import gc_policy
@@ -341,31 +345,15 @@ def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(monkeypatch):
             gc_policy.state_written()
             gc_policy.between_batches()
 
-    collections = []
-
-    def seen(phase, info):
-        if phase == "start":
-            collections.append(info["generation"])
-
-    monkeypatch.setattr(gc_policy, "_written", False)
-    old = gc.get_threshold()
-    gc.set_threshold(*gc_policy.AUTOMATIC)
-    gc.callbacks.append(seen)
-    try:
-        gc.collect()
-        collections.clear()
-        middle, oldest = cycle(), cycle()
-        freed_middle, freed_oldest = weakref.ref(middle), weakref.ref(oldest)
-        batches(1)  # both alive: out of the young generation
-        del middle
-        batches(1 + gc_policy.AUTOMATIC[1])  # a middle collection: `oldest`, alive, goes to the oldest
-        assert freed_middle() is None and 1 in collections
-        del oldest
-        batches((gc_policy.AUTOMATIC[1] + 1) * (gc_policy.AUTOMATIC[2] + 1))
-        assert freed_oldest() is None and 2 in collections
-    finally:
-        gc.callbacks.remove(seen)
-        gc.set_threshold(*old)
+    middle, oldest = cycle(), cycle()
+    freed_middle, freed_oldest = weakref.ref(middle), weakref.ref(oldest)
+    batches(1)  # both alive: out of the young generation
+    del middle
+    batches(1 + gc_policy.AUTOMATIC[1])  # a middle collection: `oldest`, alive, goes to the oldest
+    assert freed_middle() is None and 1 in collections
+    del oldest
+    batches((gc_policy.AUTOMATIC[1] + 1) * (gc_policy.AUTOMATIC[2] + 1))
+    assert freed_oldest() is None and 2 in collections
 
 # Kafka's own test vectors (UtilsTest.testMurmur2), as Java's signed ints.
 JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,

@@ -320,7 +320,7 @@ def test_the_young_generation_is_collected_after_a_state_write_and_otherwise_onl
     keep += [[i] for i in range(gc_policy.YOUNG_MAX + 1)]
     gc_policy.between_batches()
     assert collections == [0, 0], "past YOUNG_MAX without a write"
-    assert len(keep) > gc_policy.YOUNG_MAX
+    del keep
 
 
 def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(collections):
@@ -354,6 +354,7 @@ def test_a_garbage_cycle_that_outlived_a_young_collection_is_freed(collections):
     del oldest
     batches((gc_policy.AUTOMATIC[1] + 1) * (gc_policy.AUTOMATIC[2] + 1))
     assert freed_oldest() is None and 2 in collections
+
 
 # Kafka's own test vectors (UtilsTest.testMurmur2), as Java's signed ints.
 JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,

@@ -47,7 +47,8 @@ def murmur2(data: bytes) -> int:
     length = len(data)
     h = 0x9747B28C ^ length
     n = length >> 2
-    for k in (_WORDS[n] if n < 65 else struct.Struct(f"<{n}I").unpack_from)(data):
+    words = _WORDS[n] if n < len(_WORDS) else struct.Struct(f"<{n}I").unpack_from
+    for k in words(data):
         k = (k * _M) & _MASK
         h = ((h * _M) & _MASK) ^ (((k ^ (k >> 24)) * _M) & _MASK)
     if length & 3:

@@ -572,6 +572,18 @@ def test_a_stored_state_record_of_the_wrong_shape_is_a_dead_letter_not_an_except
     assert db[record.key] == stored, "the record stays as it was"
 
 
+@pytest.mark.parametrize("past", [0, 1])
+def test_a_stored_record_nested_past_what_its_write_back_takes_is_refused_even_in_its_fewest_bytes(past):
+    """The store counts brackets only in records longer than twice the depth it refuses (nested d
+    deep, JSON takes at least 2d bytes): the shortest record one level too deep is still refused,
+    the one at the limit is read."""
+    from app.kafka.store import MAX_DEPTH, Undecodable, _decode
+
+    depth = MAX_DEPTH + past
+    value = _decode(b"[" * depth + b"]" * depth)
+    assert isinstance(value, Undecodable) == bool(past), value[:80]
+
+
 def test_later_events_of_a_key_are_not_featurised_on_an_event_the_model_rejected(processors, tmp_path):
     from tests.flows import FLOWS
 

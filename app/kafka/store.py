@@ -74,7 +74,9 @@ def _decode(raw: bytes):
         return Undecodable(f"not JSON ({exc}): {raw[:60]!r}")
     if value is None:  # JSON null, not a tombstone: a tombstone is no value at all
         return Undecodable("null")
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+    # Nested d deep, JSON takes at least 2d bytes (d openings, d closings): a shorter record, as
+    # nearly every shopper's is, needs no count (two scans of its bytes, a fifth of its decoding time).
+    if len(raw) > 2 * MAX_DEPTH and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         return Undecodable(f"nested more than {MAX_DEPTH} levels deep")
     return value
 

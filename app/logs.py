@@ -5,7 +5,7 @@ setting (a `logging.config.dictConfig` dict). With `"merge": True` mode keeps it
 level (`faust worker -l info`) and takes our `default` handler in place of its coloured one, so every
 log record of the worker, Faust's and aiokafka's included, goes through `JsonFormatter`.
 
-A line: {"ts": "2026-12-02T10:00:00.123Z", "level": "INFO", "logger": "app.worker",
+A line: {"ts": "2026-12-02T10:00:00.123Z", "level": "INFO", "logger": "app.main",
 "message": "...", "exc": "Traceback ..."} (`exc` only with an exception; fields given with
 `log.info(..., extra={...})` are added as they are). A traceback stays inside its line.
 

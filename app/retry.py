@@ -4,7 +4,7 @@ Every retry loop of the worker (a score call, a round of outputs, a round of dea
 changelog confirmation of a state write) iterates `policy.attempts()` and decides by itself what a
 failure means: a bounded loop gives up after RETRY_ATTEMPTS (the event becomes a dead letter); the
 dead letters and the state writes have nowhere further to go, so they wait out an outage
-(`forever=True`). The backoff is the same for all: full jitter over an exponential ceiling.
+(`forever=True`). The backoff is the same for all: a random wait in the upper half of an exponential ceiling.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class RetryPolicy:
     max_ms: float = 2000.0
 
     def backoff_s(self, attempt: int) -> float:
-        """Full jitter over an exponential ceiling (attempt counts from 1), which stops at max_ms."""
+        """A random wait between half the ceiling and the ceiling ("equal jitter": never next to
+        nothing, yet spread), the ceiling exponential in the attempt (from 1) up to max_ms."""
         ceiling = min(self.max_ms, self.base_ms * (2 ** (min(attempt, 32) - 1)))
         return random.uniform(ceiling / 2, ceiling) / 1000.0
 

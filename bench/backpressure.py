@@ -2,9 +2,10 @@
 
   python -m bench.run --backpressure [--capacity N] [--overload-seconds 60]   (make bench-backpressure)
 
-Checks what the issue asks: worker memory stays bounded while input piles up (Faust pauses the
-fetch when a stream buffer fills), nothing is dropped (every event sent is scored, by id), and the
-latency at a low rate after the backlog has drained is back to what it was before the overload.
+Checks what the issue asks: worker memory stays bounded while input piles up (the intake holds up
+the fetcher while it is full: 2 x BATCH_MAX records or INTAKE_MAX_BYTES, app/kafka/intake.py),
+nothing is dropped (every event sent is scored, by id), and the latency at a low rate after the
+backlog has drained is back to what it was before the overload.
 Capacity defaults to the last `make bench` result (bench/results/latest.json). The load generator
 shares the two cores with the broker and the worker, so the rate it reaches is reported as is.
 """

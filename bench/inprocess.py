@@ -4,12 +4,13 @@
                             [--zipf 1] [--gc-young 200000]
 
 The real `Processor` and `GatedTable` (RocksDB in a temporary directory) of the worker's app run
-over pre-encoded cart events keyed by user, in batches as the intake hands them over; only the
-Kafka producer is replaced by one that builds the same aiokafka record batches and acknowledges them
-at once. So this measures decode, fold, features, predict, output and state encoding, the commit
-gate's bookkeeping, RocksDB writes and metrics: what the worker spends per event besides Faust's
-consumer and the broker. Numbers are steady-state (a first pass warms the table): CPU time, the
-mean of five passes, with the cyclic garbage collector's share of it.
+over pre-encoded events of the pipeline keyed by their state key (cart: user; fraud: card), in
+batches as the intake hands them over; only the Kafka producer is replaced by one that builds the
+same aiokafka record batches and acknowledges them at once. So this measures decode, fold, features,
+predict, output and state encoding, the commit gate's bookkeeping, RocksDB writes and metrics: what
+the worker spends per event besides Faust's consumer and the broker. Numbers are steady-state (a
+first pass warms the table): CPU time, the mean of five passes, with the cyclic garbage collector's
+share of it.
 """
 from __future__ import annotations
 

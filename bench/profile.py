@@ -1,6 +1,6 @@
 """Profile the worker while it drains pre-produced input (needs py-spy: `pip install py-spy`).
 
-  python -m bench.profile [--events 100000] [--seconds 15] [--out profile]
+  python -m bench.profile [--events 150000] [--seconds 15] [--out profile]
   python -m bench.profile --users 1000000 --zipf 1 --state --delay 1 --seconds 5   (as make bench-scale)
   python -m bench.profile --pipeline fraud   (a fraud-only worker draining transactions)
 

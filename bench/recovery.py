@@ -1,6 +1,6 @@
 """Table recovery time (issue 7): a worker with an empty DATA_DIR rebuilding its state from the changelog.
 
-  python -m bench.run --recovery [--recovery-users 10000,100000]   (make bench-recovery)
+  python -m bench.run --recovery [--recovery-users 10000,100000,1000000]   (make bench-recovery)
 
 For each size: a fresh broker, the `user_sessions` changelog written directly in the table's format
 (key = user id bytes, value = orjson of {"state": ..., "applied": {...}}, on the key's partition;

@@ -1,6 +1,6 @@
 """RocksDB options for the table stores, chosen by measurement (issue 18).
 
-  python -m bench.rocksdb_options [--users 1000000]     (make bench-rocksdb)
+  python -m bench.rocksdb_options [--users 1000000]     (about a minute)
 
 Four databases (a table's partitions) hold `users` records of the size the worker writes (about
 380 bytes of JSON state each); for each set of options: the time to write them in batches of 5,000

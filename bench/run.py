@@ -1,7 +1,7 @@
 """`make bench`: the scoring worker beside a bare aiokafka loop, measured in one run.
 
-  python -m bench.run                  # full run: 200k events, 10k users, 4 partitions (a few minutes)
-  python -m bench.run --quick          # smaller input and shorter rate steps (about a minute)
+  python -m bench.run                  # full run: 200k events, 10k users, 4 partitions (about 8 min)
+  python -m bench.run --quick          # smaller input and shorter rate steps (under 2 min)
   python -m bench.run --backpressure   # offered load at ~3x capacity for a minute (bench/backpressure.py)
   python -m bench.run --recovery       # table recovery time from the changelog (bench/recovery.py)
   python -m bench.run --failover       # a SIGKILLed owner's partitions scored again, with standbys (bench/failover.py)
@@ -15,7 +15,7 @@ down as it fills, which would otherwise penalise whatever runs last):
   2. the same N events pre-produced again, and the real worker (`faust -A app worker -l info`,
      default settings) drains them into `personalization_scores`; then (without --worker-env) a
      worker of the cart pipeline only (PIPELINES=cart) does the same, and N card transactions go
-     through the bare loop and a worker of the fraud pipeline only (PIPELINES=fraud, -> fraud_scores);
+     through the bare loop and a worker of the fraud pipeline only (PIPELINES=fraud, -> fraud_decisions);
   3. latency at each offered rate, each rate on a broker of its own: first the bare relay
      (`bench.bare relay`, relay_in -> relay_out), then a fresh worker (cart_events ->
      personalization_scores), same load generator and reader;

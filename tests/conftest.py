@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-# The worker's settings are read when app.settings is first imported (test modules import it at
+# The worker's settings are read at the first `current()` (test modules call `configured()` at
 # collection): tests that build the app in-process keep its local state out of the checkout.
 os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="scoring-tests-"))
 

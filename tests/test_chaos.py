@@ -1,6 +1,6 @@
 """A short crash soak in `make test` (`make chaos` runs the long one, tests/chaos.py): both pipelines
-under load, keyed by both partitioners and unkeyed, a few SIGKILLs (one with the local store
-wiped), a second worker joining, a moment of refused outputs. Nothing lost, nothing counted twice,
+under load, keyed by both partitioners and unkeyed, a few SIGKILLs (every second one with the
+local store wiped), a second worker joining, a moment of refused outputs. Nothing lost, nothing counted twice,
 nothing left uncommitted."""
 from __future__ import annotations
 

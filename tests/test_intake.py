@@ -364,7 +364,7 @@ def test_the_fetch_loop_looks_at_the_active_partitions_again_soon():
     """Faust's loop waited up to a second: asleep when, the flow resumed, it found every partition
     still paused (a recovery resumes them a moment later), or for records of the partitions active
     when its wait began. The partitions resumed meanwhile waited for it: the last second of every
-    failover (make bench-failover: first score 1.0 s after ready, now 0.04-0.15 s)."""
+    failover (make bench-failover: first score 1.0 s after ready, now 0.07-0.20 s)."""
     paused = FetchingConsumer(paused=[A, B])
     records, active = run(intake._wait_next_records_into_sinks(paused, 1.0))
     assert paused.flow_active and not records and not active and not paused.waited

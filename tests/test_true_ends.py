@@ -1,4 +1,4 @@
-"""`read_true_ends` (app/kafka/patches.py) on the embedded broker, whose reported ends lag.
+"""`read_true_ends` (app/kafka/probes.py) on the embedded broker, whose reported ends lag.
 
 Issue 14: on a partition that others keep writing (a standby's changelog) it read for as long as
 records kept coming; recovery waited on it. It is bounded now, and still finds the true end of a

@@ -13,7 +13,7 @@
          -> time split (last `holdout` by event time held out), LightGBM with the simulator
             training's parameters, and a baseline without the recency features
          -> held-out AUC and PR-AUC (average precision), precision / recall at the fraud thresholds,
-            meta.json and report.html in the registry (`app.registry`); the new version becomes the
+            meta.json and report.html in the registry (`app.models.registry`); the new version becomes the
             current model only if there is none yet or `promote_local` is given.
 
 Recency features: for cart, everything but event type, price, purchases so far and sessions so far

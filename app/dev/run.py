@@ -1,7 +1,8 @@
 """`scoring run` (`make run`): the embedded broker (unless BROKER_URL is set), a worker, generators.
 
-Every process is started by the launcher (app/dev/launcher.py) and stopped by its PID whatever
-happens; a second Ctrl-C only turns the waits for a clean stop into SIGKILL at once.
+The worker and the generators are started by the launcher (app/dev/launcher.py), the broker by
+app/dev/broker.py; every process is stopped by its PID whatever happens; a second Ctrl-C only turns
+the waits for a clean stop into SIGKILL at once.
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ from app.retry import RetryPolicy
 # reads of the next batches: the working set of active keys. Bytes, not the decoded dicts: the cyclic
 # garbage collector scans every container still alive, and 200k decoded records (a million dicts and
 # lists) made each collection so slow that 1M users scored at 72% of the rate of 10k users
-# (bench/inprocess.py --zipf 1: 61 against 44 us per event); a hit now costs one orjson.loads,
-# and 1M users score as fast as 10k (43.8 and 43.4 us per event).
+# (bench/inprocess.py --zipf 1: 61 against 44 us per event); a hit now costs one orjson.loads
+# (43.8 us per event then; what still separates 1M users from 10k is in bench/README.md).
 RECENT_MAX = 200_000
 
 

@@ -8,8 +8,8 @@ promotion, as Flink's broadcast state), so workers on several machines switch wi
 disk, and a worker that starts later finds the latest promotion of each key there (compaction
 keeps it). A challenger's key with a null value (a tombstone) ends its shadow.
 
-Why the bytes travel in the record: a model of these pipelines is a few hundred KB of text and a
-third of that gzipped, well below a record's 1 MB; nothing else (a shared volume, an object store
+Why the bytes travel in the record: a model of these pipelines is a few hundred KB of text and
+about 40% of that gzipped, well below a record's 1 MB; nothing else (a shared volume, an object store
 with its credentials) has to be reachable from every worker. A model too large for one record is
 refused at promotion with its size.
 
@@ -32,9 +32,9 @@ from app.models import registry
 ROLES = ("champion", "challenger")
 HISTORY = 10  # versions promoted before, newest first, kept in each promotion (rollback reads them)
 MAX_RECORD_BYTES = 900_000  # below the producer's and the broker's 1 MB default
-# A model's text, unpacked: gzip shrinks these models about 3x, so a record holds at most ~3 MB of
-# it. The bound stops a forged record from unpacking to gigabytes (1 MB of gzip of one repeated
-# byte is a GB) and killing every worker that reads it, at every start.
+# A model's text, unpacked: gzip shrinks these models about 2.5x and base64 adds a third, so a
+# record holds at most ~1.7 MB of it. The bound stops a forged record from unpacking to gigabytes
+# (1 MB of gzip of one repeated byte is a GB) and killing every worker that reads it, at every start.
 MAX_MODEL_TEXT_BYTES = 16_000_000
 
 

@@ -26,7 +26,7 @@ class ShadowQuality:
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
         self._recent: OrderedDict[str, tuple[float, float, str, str]] = OrderedDict()
-        self._labelled: deque = deque(maxlen=LABELLED)  # (label, champion score, challenger score)
+        self._labelled: deque = deque(maxlen=LABELLED)  # (label, both scores, both versions)
         self._labels = metrics.LABELS
 
     def record(self, items) -> None:

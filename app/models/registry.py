@@ -7,7 +7,7 @@
     <MODEL_DIR>/<pipeline>/model.txt + meta.json   the current model: what a worker loads at start
 
 The version is the first 12 hex digits of the SHA-256 of the model text, the same hash
-`app.scorer.compiled` names its native-code cache by: the same model trained twice is one version.
+`app.models.scorer.compiled` names its native-code cache by: the same model trained twice is one version.
 Pure file operations, no Kafka: live promotion to running workers is built on top of this. Every
 file is written under a temporary name and renamed, so a reader never sees half a file; the current
 model's `model.txt` is replaced before its `meta.json`.
@@ -97,7 +97,7 @@ def current(pipeline_dir: Path) -> dict | None:
 def make_current(pipeline_dir: Path, version: str) -> dict:
     """Copy a stored version to `<pipeline_dir>/model.txt` + `meta.json`, the files a worker loads
     at start (running workers keep the model they loaded). Native-code caches of other models
-    beside it are removed; the caller compiles the new one (`app.scorer.compiled`)."""
+    beside it are removed; the caller compiles the new one (`app.models.scorer.compiled`)."""
     root = Path(pipeline_dir)
     meta = load(root, version)
     src = version_dir(root, version)

@@ -30,7 +30,7 @@ class Scoring:
 
     async def __call__(self, items: list[Item], model) -> None:
         """Set `score` of every item, or fail it, and `reasons` of those scored at least
-        `pipeline.reasons_at`; `model` is an `app.models.Scorer`."""
+        `pipeline.reasons_at`; `model` is an `app.models.scorer.Scorer`."""
         t0 = time.perf_counter()
         p = self.pipeline
         rows = self._rows(items)

@@ -4,7 +4,8 @@ Every retry loop of the worker (a score call, a round of outputs, a round of dea
 changelog confirmation of a state write) iterates `policy.attempts()` and decides by itself what a
 failure means: a bounded loop gives up after RETRY_ATTEMPTS (the event becomes a dead letter); the
 dead letters and the state writes have nowhere further to go, so they wait out an outage
-(`forever=True`). The backoff is the same for all: a random wait in the upper half of an exponential ceiling.
+(`forever=True`). The backoff is the same for all: a random wait in the upper half of an
+exponential ceiling.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def main() -> None:
         ("msgspec Struct as JSON array, structs", structs, encoder.encode, decoder.decode),
     ]
     print(f"{len(recs):,} records\n")
-    print(f"| form | bytes per record | encode, us | decode, us | both, us |\n|---|---|---|---|---|")
+    print("| form | bytes per record | encode, us | decode, us | both, us |\n|---|---|---|---|---|")
     for name, values, encode, decode in forms:
         raws = [encode(v) for v in values]
         assert all(decode(raw) == v for raw, v in zip(raws[:100], values)), name  # the form round-trips

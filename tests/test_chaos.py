@@ -1,7 +1,7 @@
 """A short crash soak in `make test` (`make chaos` runs the long one, tests/chaos.py): both pipelines
 under load, keyed by both partitioners and unkeyed, a few SIGKILLs (every second one with the
-local store wiped), a second worker joining, a moment of refused outputs. Nothing lost, nothing counted twice,
-nothing left uncommitted."""
+local store wiped), a second worker joining, a moment of refused outputs. Nothing lost, nothing
+counted twice, nothing left uncommitted."""
 from __future__ import annotations
 
 from tests import chaos

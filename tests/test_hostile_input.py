@@ -572,15 +572,18 @@ def test_a_stored_state_record_of_the_wrong_shape_is_a_dead_letter_not_an_except
     assert db[record.key] == stored, "the record stays as it was"
 
 
+@pytest.mark.parametrize("sibling", [False, True])
 @pytest.mark.parametrize("past", [0, 1])
-def test_a_stored_record_nested_past_what_its_write_back_takes_is_refused_even_in_its_fewest_bytes(past):
+def test_a_stored_record_nested_past_what_its_write_back_takes_is_refused_even_in_its_fewest_bytes(past, sibling):
     """The store counts brackets only in records longer than twice the depth it refuses (nested d
     deep, JSON takes at least 2d bytes): the shortest record one level too deep is still refused,
-    the one at the limit is read."""
+    the one at the limit is read. With an empty list beside the nesting, the brackets outnumber the
+    limit and the depth itself is measured: the same answers."""
     from app.kafka.store import MAX_DEPTH, Undecodable, _decode
 
     depth = MAX_DEPTH + past
-    value = _decode(b"[" * depth + b"]" * depth)
+    nested = b"[" * (depth - 1) + b"]" * (depth - 1)
+    value = _decode(b"[" + nested + (b",[]" if sibling else b"") + b"]")
     assert isinstance(value, Undecodable) == bool(past), value[:80]
 
 

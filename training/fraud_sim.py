@@ -12,7 +12,7 @@ Fraud comes in three patterns, injected after a card has some history (each tran
 - card testing: a burst of many small amounts (< 5) at new online merchants, seconds apart, usually from
   a device the card never used, sometimes followed by a large purchase once a test went through;
 - account takeover: a new device, often from a new country, buys expensive goods online, several
-  times within an hour or two;
+  times within a few hours;
 - high-value outlier: one or two purchases many times the card's typical amount at a new merchant.
 
 `simulate` gives a history sorted by event time for training; `live` an endless stream for the

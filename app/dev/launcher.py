@@ -1,5 +1,5 @@
-"""The one way a worker (and the benchmark's helper processes) is started and stopped: `scoring run`,
-the benchmark and the tests all use it.
+"""The one way a worker (and the helper processes of `scoring run` and the benchmark) is started and
+stopped: `scoring run`, the benchmark and the tests all use it.
 
 A process is started in a session of its own (Ctrl-C in a terminal reaches the launcher, which
 decides), its output appended to a log file, and stopped by its PID: SIGTERM to its process group,

@@ -414,9 +414,9 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
     It blocks for the first records, then takes whatever else is already fetched: at low load a
     batch is one event; under load batches grow by themselves while the last one is processed.
 
-    `writer` (the agent's `StateWriter`) writes state behind: whenever the sink is empty and `writer.write_due()`
-    says something is unwritten, the loop waits for more records only until the write is due, or
-    until a rebalance clears the sink, and then awaits `writer.flush()`. Everything stays in the
+    `writer` (the agent's `StateWriter`) writes state behind: whenever the sink is empty and
+    `writer.write_due()` says something is unwritten, the loop waits for more records only until the
+    write is due, or until a rebalance clears the sink, and then awaits `writer.flush()`. Everything stays in the
     agent's one task: a write never runs beside a batch.
     """
     app = stream.app

@@ -33,7 +33,7 @@ from app.retry import RetryPolicy
 # garbage collector scans every container still alive, and 200k decoded records (a million dicts and
 # lists) made each collection so slow that 1M users scored at 72% of the rate of 10k users
 # (bench/inprocess.py --zipf 1: 61 against 44 us per event); a hit now costs one orjson.loads
-# (43.8 us per event then; what still separates 1M users from 10k is in bench/README.md).
+# (1M users: 43.8 us per event then; what still separates 1M users from 10k is in bench/README.md).
 RECENT_MAX = 200_000
 
 
@@ -74,8 +74,9 @@ def _decode(raw: bytes):
         return Undecodable(f"not JSON ({exc}): {raw[:60]!r}")
     if value is None:  # JSON null, not a tombstone: a tombstone is no value at all
         return Undecodable("null")
-    # Nested d deep, JSON takes at least 2d bytes (d openings, d closings): a shorter record, as
-    # nearly every shopper's is, needs no count (two scans of its bytes, a fifth of its decoding time).
+    # Nested d deep, JSON takes at least 2d bytes (d openings, d closings): a record of at most
+    # 2 x MAX_DEPTH bytes, as nearly every shopper's is, cannot be too deep and needs no count (two
+    # scans of its bytes, a fifth of its decoding time).
     if len(raw) > 2 * MAX_DEPTH and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         return Undecodable(f"nested more than {MAX_DEPTH} levels deep")
     return value

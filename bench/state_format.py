@@ -23,6 +23,7 @@ import msgspec
 import orjson
 
 from app.kafka.store import GatedTable, _decode
+from app.pipeline.fold import record_of
 from app.pipelines import configured
 from bench.common import say, simulated
 from domain import session
@@ -62,8 +63,8 @@ def records(users: int) -> list[dict]:
     states: dict[str, dict] = {}
     for offset, e in enumerate(simulated("cart", users * 4, users, 7, "s", zipf=1.0)):
         before = states.get(e["user_id"])
-        state = cart.apply(session.new_state() if before is None else before["state"], e)
-        states[e["user_id"]] = {"state": state, "applied": {"cart_events:0": offset}}
+        state = cart.apply(cart.new_state() if before is None else before["state"], e)
+        states[e["user_id"]] = record_of(state, {"cart_events:0": offset}, [])
     return list(states.values())
 
 

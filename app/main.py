@@ -135,8 +135,7 @@ def build(settings: Settings | None = None, *, producer: BatchProducer | None = 
 
     settings = settings or configuration.current()
     # Process-wide changes to Faust and aiokafka, each explained where it is made.
-    patches.install(settings.fetch_wait_ms, settings.producer_options, settings.consumer_options,
-                    settings.rocksdb_block_cache_mb)
+    patches.install(settings.fetch_wait_ms, settings.producer_options, settings.consumer_options)
     intake.install()
     records.install()
     ours = lambda table: isinstance(table, store.GatedTable)  # noqa: E731

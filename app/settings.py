@@ -222,8 +222,6 @@ class Settings(BaseSettings):
     # Fetched records waiting for an agent, in bytes (besides 2 x BATCH_MAX records): a burst of large
     # records holds up the fetcher instead of filling memory.
     intake_max_bytes: int = _var("INTAKE_MAX_BYTES", 64 << 20, ge=1)
-    # One RocksDB block cache for all the worker's table databases (app/kafka/patches.py, patch 6).
-    rocksdb_block_cache_mb: int = _var("ROCKSDB_BLOCK_CACHE_MB", 256, ge=8)
     # Kafka client tuning; chosen per broker (see README's configuration table, FETCH_WAIT_MS).
     fetch_wait_ms: int = _var("FETCH_WAIT_MS", 10, ge=0)
     linger_ms: int = _var("PRODUCER_LINGER_MS", 2, ge=0)

@@ -378,3 +378,32 @@ def test_murmur2_equals_aiokafkas_for_any_key(key):
     from app.kafka.producer import murmur2
 
     assert murmur2(key) == reference(key)
+
+
+
+def test_the_tables_read_their_records_from_rocksdbs_files_without_a_block_cache(harness):
+    """The table keeps the records it wrote lately itself (`recent`), so what it reads from RocksDB
+    is rarely read again soon: caching its blocks made a fresh worker's first reads slower and its
+    memory larger by the cache (app/kafka/patches.py, patch 6). Read in a later generation (not from
+    `recent`) and out of the memtable, every record comes back whole."""
+    processor, _, table = harness(flush_events=1, flush_ms=60_000)
+    events = [event(i, f"u{i}", "add_to_cart") for i in range(400)]
+    records = cart_records(events)
+
+    async def run():
+        await processor.handle(FakeBatch(records, 1))
+        await processor.writer.drain()
+
+    asyncio.run(run())
+    keys_of: dict[int, list[str]] = {}
+    for r in records:
+        keys_of.setdefault(r.partition, []).append(r.key.decode())
+    dbs = [table.data._db_for_partition(p) for p in keys_of]
+    for db in dbs:
+        db.flush()  # out of the memtable, into a table file
+
+    read = {key: record for p, keys in keys_of.items() for key, record in zip(keys, table.read_many(p, keys, 2))}
+
+    expected = FLOWS["cart"].offline_states(events)
+    assert {key: record["state"] for key, record in read.items()} == expected
+    assert [db.property_int_value("rocksdb.block-cache-usage") for db in dbs] == [None] * len(dbs), "no block cache"

@@ -42,7 +42,6 @@ DEFAULTS = {
     # the model control topic and the label topics (issue 16)
     "MODEL_CONTROL_TOPIC": ("model_control_topic", ""), "CART_LABEL_TOPIC": ("cart_label_topic", "cart_labels"),
     "FRAUD_LABEL_TOPIC": ("fraud_label_topic", "fraud_labels"),
-    "ROCKSDB_BLOCK_CACHE_MB": ("rocksdb_block_cache_mb", 256),
 }
 
 

@@ -28,7 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app.dev.broker import EmbeddedBroker
-from app.kafka.producer import key_hash
+from app.kafka.partitioner import key_hash
 from app.settings import current
 from bench.common import PARTITIONS, RESULTS, Worker, create_topics, helper, say
 from bench.recovery import CHANGELOG, write_changelog

@@ -35,7 +35,7 @@ def records(pipeline, n: int, users: int, partitions: int, zipf: float = 0.0) ->
     key, on its partition."""
     import itertools
 
-    from app.kafka.producer import key_hash
+    from app.kafka.partitioner import key_hash
     from bench.common import simulated
 
     clock = itertools.count(1_700_000_000_000, 7)

@@ -34,7 +34,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.dev.broker import EmbeddedBroker
-from app.kafka.producer import key_hash
+from app.kafka.partitioner import key_hash
 from app.pipelines import configured
 from tests.harness import Worker, crc32_partition, read_topic
 from training import cart_sim, fraud_sim

@@ -75,14 +75,14 @@ def partition_as_producers_do(key: bytes | None, partitions: int = 4) -> int | N
     not the state key's: those records take the repartition hop."""
     if key is None:
         return None
-    from app.kafka.producer import key_hash
+    from app.kafka.partitioner import key_hash
 
     return crc32_partition(key, partitions) if (key_hash(key) >> 7) & 1 else None
 
 
 def written_partition(key: bytes, partitions: int = 4) -> int:
     """The partition `produce` writes a record with this key to."""
-    from app.kafka.producer import key_hash
+    from app.kafka.partitioner import key_hash
 
     chosen = partition_as_producers_do(key, partitions)
     return key_hash(key) % partitions if chosen is None else chosen

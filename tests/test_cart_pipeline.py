@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.kafka.producer import key_hash
+from app.kafka.partitioner import key_hash
 from app.models.scorer import Scorer
 from app.pipelines import configured
 from tests.flows import FLOWS

@@ -98,7 +98,7 @@ def run(processor, records, **kw) -> Batch:
 
 def keyed(pipeline: str, event: dict, offset: int, headers=(), key: bytes | None = ...) -> ConsumerRecord:
     """`event` on its state key's partition, keyed as a shop using Kafka's default partitioner would."""
-    from app.kafka.producer import key_hash
+    from app.kafka.partitioner import key_hash
 
     field, topic = ("user_id", "cart_events") if pipeline == "cart" else ("card_id", "transactions")
     k = event[field].encode()
@@ -528,6 +528,34 @@ def test_a_hop_record_on_another_partition_than_its_key_s_goes_to_the_key_s(proc
     assert processor.read("u-hop")["state"]["events"] == 5, "nothing folded on another partition"
     run(processor, [ConsumerRecord(hop_topic, right.partition, 1, sent.key, sent.value, sent.headers)])
     assert processor.read("u-hop")["state"]["events"] == 6
+
+
+def test_keys_are_routed_right_when_their_cache_is_cleared_within_a_batch(processors, monkeypatch):
+    """The routes of a batch's new keys are computed together and the cache is cleared when they
+    would overfill it: the keys cached before that (here one on a wrong partition) and those cached
+    after it are all still routed by their own hash, and the cache stays within its bound."""
+    from app.kafka.partitioner import key_hash
+    from app.pipeline import processor as processor_module
+
+    monkeypatch.setattr(processor_module, "ROUTES_MAX", 4)
+    processor = processors("cart")
+    hop_topic = processor.pipeline.repartition_topic
+    run(processor, [keyed("cart", cart_event(i, f"route{i}"), i) for i in range(3)])  # three keys cached
+    misplaced = keyed("cart", cart_event(10, "route0"), 10)
+    misplaced = misplaced._replace(partition=(misplaced.partition + 1) % 4)
+    since = len(processors.producer.sent)
+
+    run(processor, [keyed("cart", cart_event(i, f"route{i % 6}"), i) for i in range(11, 17)] + [misplaced])
+
+    def partition(key: bytes) -> int:
+        return key_hash(key) % 4
+
+    outputs = [(p, r) for t, p, r in processors.producer.sent[since:] if t == "personalization_scores"]
+    assert sorted(orjson.loads(r.value)["event_id"] for _, r in outputs) == [f"e{i}" for i in range(11, 17)]
+    assert all(p == partition(r.key) for p, r in outputs), "each output on its key's partition"
+    hops = [(p, r) for t, p, r in processors.producer.sent[since:] if t == hop_topic]
+    assert [(p, r.key) for p, r in hops] == [(partition(b"route0"), b"route0")]
+    assert len(processor._routes) <= 4
 
 
 def test_forged_origin_partitions_cannot_grow_a_key_s_record_without_bound(processors):

@@ -33,7 +33,7 @@ def harness(tmp_path):
 
 def cart_records(events: list[dict], first_offset: int = 0) -> list[ConsumerRecord]:
     """Each user's events on the user's partition (keyed as a shop would), offsets from `first_offset`."""
-    from app.kafka.producer import key_hash
+    from app.kafka.partitioner import key_hash
 
     out, offsets = [], {}
     for e in events:
@@ -364,7 +364,7 @@ JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-st
 
 @pytest.mark.parametrize("key, java", JAVA_MURMUR2.items())
 def test_murmur2_is_kafkas(key, java):
-    from app.kafka.producer import murmur2
+    from app.kafka.partitioner import murmur2
 
     assert murmur2(key) == java & 0xFFFFFFFF
 
@@ -375,10 +375,28 @@ def test_murmur2_equals_aiokafkas_for_any_key(key):
     key must be the one every other Kafka client computes, or its state is read on the wrong worker."""
     from aiokafka.partitioner import murmur2 as reference
 
-    from app.kafka.producer import murmur2
+    from app.kafka.partitioner import murmur2
 
     assert murmur2(key) == reference(key)
 
+
+def _same_length_in_words(words: int):
+    return st.lists(st.binary(min_size=4 * words, max_size=4 * words + 3), min_size=16, max_size=40)
+
+
+@given(group=st.integers(0, 70).flatmap(_same_length_in_words), others=st.lists(st.binary(max_size=300), max_size=40),
+       data=st.data())
+def test_keys_hashed_together_hash_as_aiokafkas_partitioner_does(group, others, data):
+    """A batch's new keys are hashed a word of many keys at a time (keys of one length in words,
+    from TOGETHER_MIN of them; numpy's uint32 arithmetic): every key must get aiokafka's hash,
+    whatever its tail and whatever else is in the batch, or its records go to another partition."""
+    from aiokafka.partitioner import murmur2 as reference
+
+    from app.kafka.partitioner import TOGETHER_MIN, key_hashes
+
+    assert len(group) >= TOGETHER_MIN
+    keys = data.draw(st.permutations(group + others))
+    assert key_hashes(keys) == [reference(k) & 0x7FFFFFFF for k in keys]
 
 
 def test_the_tables_read_their_records_from_rocksdbs_files_without_a_block_cache(harness):

@@ -13,7 +13,7 @@ import rocksdict
 from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
-from app.kafka.producer import key_hash
+from app.kafka.partitioner import key_hash
 from app.kafka.restore import restore
 from app.kafka.standby import follow
 from app.pipelines import configured

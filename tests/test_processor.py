@@ -102,15 +102,20 @@ def test_the_write_happens_after_enough_events_and_before_another_generation(har
     batches = [FakeBatch(records[:2], 1), FakeBatch(records[2:3], 1), FakeBatch(records[3:4], 1),
                FakeBatch(records[4:], 2)]
 
+    def written() -> list[str]:
+        return [f"u{i}" for i in range(5) if table.read(f"u{i}") is not None]
+
     async def run():
         await processor.handle(batches[0])
-        assert changelog_records(producer) == 0
-        await processor.handle(batches[1])  # 3 events waiting: written now
-        assert changelog_records(producer) == 3
+        assert written() == []
+        await processor.handle(batches[1])  # 3 events waiting: written now, their changelog sent behind
+        assert written() == ["u0", "u1", "u2"]
         await processor.handle(batches[2])
-        assert changelog_records(producer) == 3 and not batches[2].acked
+        assert written() == ["u0", "u1", "u2"] and not batches[2].acked
+        await asyncio.sleep(0)  # the loop's next turn: the write's changelog is sent
+        assert changelog_records(producer) == 3
         await processor.handle(batches[3])  # another consumer generation: the first writes what it has
-        assert changelog_records(producer) == 4 and not batches[3].acked
+        assert written() == ["u0", "u1", "u2", "u3"] and not batches[3].acked
         await processor.writer.drain()
 
     asyncio.run(run())
@@ -134,6 +139,41 @@ def test_replayed_events_change_nothing_and_rewrite_the_state_to_the_changelog(h
         assert {u: table.read(u) for u in ("u1", "u2")} == before
 
     asyncio.run(run())
+
+
+class StalledChangelog(AckingProducer):
+    """Takes a changelog record batch only once `go` is set: a broker slow to answer the batch
+    before it on the same partition (aiokafka keeps one request per partition in flight)."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.go = asyncio.Event()
+
+    async def send_batch(self, batch, topic, partition):
+        if topic.endswith("-changelog"):
+            await self.go.wait()
+        return await super().send_batch(batch, topic, partition)
+
+
+def test_the_next_batches_are_scored_while_a_write_s_changelog_waits_for_the_broker(tmp_path):
+    """A write's changelog records are sent behind it: at a million users they fill two record
+    batches per partition, and the second waits for the broker's answer to the first. The batches
+    of the write are acked only once its changelog is delivered."""
+    producer = StalledChangelog(4)
+    processor = build(tmp_path, producer, state_flush_events=2, state_flush_ms=60_000).pipelines["cart"].processor
+    records = cart_records([event(i, f"u{i}") for i in range(3)])
+    written, after = FakeBatch(records[:2], 1), FakeBatch(records[2:], 1)
+
+    async def run():
+        await asyncio.wait_for(processor.handle(written), 5)  # the write: its changelog stalls
+        await asyncio.wait_for(processor.handle(after), 5)
+        assert outputs(producer) == 3, "scored and published while the changelog waits"
+        assert not written.acked and changelog_records(producer) == 0
+        producer.go.set()
+        await processor.writer.drain()
+
+    asyncio.run(run())
+    assert written.acked and after.acked and changelog_records(producer) == 3
 
 
 def test_a_write_is_due_state_flush_ms_after_the_first_unwritten_batch_and_reads_see_it_before(harness):

@@ -150,13 +150,14 @@ class GatedTable(faust.Table):
     encode = staticmethod(_encode)  # a record as the table stores it (what `put_many` takes)
 
     async def put_many(self, rows: list[tuple[int, str, bytes]], generation) -> None:
-        """Write (partition, key, encoded record) rows: every local store first, then their changelog
-        records.
+        """Write (partition, key, encoded record) rows: every local store, then their changelog records."""
+        await self.send(self.write(rows, generation))
 
-        The bytes are kept as the keys' recent values for reads in the same consumer generation.
-        The local writes all happen before the first await,
-        so a reader (the web view) never finds some partitions written and others not yet.
-        """
+    def write(self, rows: list[tuple[int, str, bytes]], generation) -> dict[int, list]:
+        """Write (partition, key, encoded record) rows to every local store, at once (no await: a
+        reader such as the web view never finds some partitions written and others not yet). The
+        bytes are kept as the keys' recent values for reads in the same consumer generation.
+        Returns the rows' changelog records by partition, for `send`."""
         if len(self.recent) + len(rows) > self.recent_max // 2:
             self.older, self.recent = self.recent, {}  # bounded: what was not read again is forgotten
         recent = self.recent
@@ -173,8 +174,14 @@ class GatedTable(faust.Table):
             for k, v, _, _ in entries:
                 batch.put(k, v)
             self.data._db_for_partition(partition).write(batch)
+        return by_partition
+
+    async def send(self, changelog: dict[int, list]) -> None:
+        """Queue the changelog records of a `write`; `confirm` awaits their delivery. A partition's
+        records that fill more than one record batch wait here for the broker's answer to the batch
+        before (the producer keeps one request per partition in flight)."""
         topic = self.changelog_topic.get_topic_name()
-        for partition, entries in by_partition.items():
+        for partition, entries in changelog.items():
             tp = TP(topic, partition)
             self.unconfirmed += [(fut, tp, keys) for fut, keys in
                                  await self.producer.send_partition(topic, partition, entries)]

@@ -4,9 +4,10 @@ Each batch's new records (the newest per key) join a buffer of unwritten ones, w
 and the web view read; the buffer is written after `flush_events` events or `flush_s`, at once
 when a rebalance empties the intake (the agent's loop asks `write_due`), and before a batch of
 another consumer generation. A key that several batches touch is written and changelogged once;
-the batches are acked together when that write is confirmed. While a write's changelog delivery is
-awaited, the next batches are processed; the next write waits for it, so state writes stay in
-order and the rewrite of a failed changelog delivery cannot overtake a newer value.
+the batches are acked together when that write is confirmed. While a write's changelog records are
+sent and their delivery awaited, the next batches are processed; the next write waits for that, so
+state writes stay in order and the rewrite of a failed changelog delivery cannot overtake a newer
+value.
 
 Used by every agent that keeps state: the scoring processors and the dead-letter counter.
 """
@@ -116,8 +117,10 @@ class StateWriter:
         # themselves die here, before the garbage collector ever scans them (see app/gc_policy.py).
         rows = {key: (partition, key, encode(record)) for key, (partition, record) in unwritten.items()}
         del unwritten
-        await self.table.put_many(list(rows.values()), generation)
-        self._confirming = asyncio.ensure_future(self._confirm(batches, rows, generation, t0))
+        changelog = self.table.write(list(rows.values()), generation)
+        # The changelog is sent behind as well: at a million users a write's records of one partition
+        # fill two record batches, and the second waits for the broker's answer to the first.
+        self._confirming = asyncio.ensure_future(self._confirm(batches, rows, changelog, generation, t0))
         self._confirming.add_done_callback(self._confirmed)
         if self.on_written is not None:
             self.on_written()
@@ -127,7 +130,8 @@ class StateWriter:
         await self.flush()
         await self._written()
 
-    async def _confirm(self, batches: list, rows: dict, generation, t0: float) -> None:
+    async def _confirm(self, batches: list, rows: dict, changelog: dict, generation, t0: float) -> None:
+        await self.table.send(changelog)
         await self.table.confirm(self.policy, lambda keys: self.table.put_many([rows[k] for k in keys], generation),
                                  owned=self._owned)
         if self.flush_seconds is not None:

@@ -158,22 +158,30 @@ class StalledChangelog(AckingProducer):
 def test_the_next_batches_are_scored_while_a_write_s_changelog_waits_for_the_broker(tmp_path):
     """A write's changelog records are sent behind it: at a million users they fill two record
     batches per partition, and the second waits for the broker's answer to the first. The batches
-    of the write are acked only once its changelog is delivered."""
+    of the write are acked only once its changelog is delivered, and the next write waits for that
+    (else a rewrite of a failed delivery could overtake a newer value)."""
     producer = StalledChangelog(4)
-    processor = build(tmp_path, producer, state_flush_events=2, state_flush_ms=60_000).pipelines["cart"].processor
-    records = cart_records([event(i, f"u{i}") for i in range(3)])
-    written, after = FakeBatch(records[:2], 1), FakeBatch(records[2:], 1)
+    service = build(tmp_path, producer, state_flush_events=2, state_flush_ms=60_000)
+    processor, table = service.pipelines["cart"].processor, service.pipelines["cart"].table
+    records = cart_records([event(i, f"u{i}") for i in range(5)])
+    written, after, more = FakeBatch(records[:2], 1), FakeBatch(records[2:3], 1), FakeBatch(records[3:], 1)
 
     async def run():
         await asyncio.wait_for(processor.handle(written), 5)  # the write: its changelog stalls
         await asyncio.wait_for(processor.handle(after), 5)
         assert outputs(producer) == 3, "scored and published while the changelog waits"
         assert not written.acked and changelog_records(producer) == 0
+        next_write = asyncio.ensure_future(processor.handle(more))  # 3 events waiting: the next write
+        await asyncio.sleep(0.2)
+        assert outputs(producer) == 5 and not next_write.done(), "the next write waits"
+        assert table.read("u2") is None and table.read("u0") is not None
         producer.go.set()
+        await asyncio.wait_for(next_write, 5)
         await processor.writer.drain()
 
     asyncio.run(run())
-    assert written.acked and after.acked and changelog_records(producer) == 3
+    assert written.acked and after.acked and more.acked and changelog_records(producer) == 5
+    assert all(table.read(f"u{i}")["state"]["events"] == 1 for i in range(5))
 
 
 def test_a_write_is_due_state_flush_ms_after_the_first_unwritten_batch_and_reads_see_it_before(harness):

@@ -416,8 +416,9 @@ async def batches(stream, sink: RecordSink, max_n: int, writer=None) -> AsyncIte
 
     `writer` (the agent's `StateWriter`) writes state behind: whenever the sink is empty and
     `writer.write_due()` says something is unwritten, the loop waits for more records only until the
-    write is due, or until a rebalance clears the sink, and then awaits `writer.flush()`. Everything stays in the
-    agent's one task: a write never runs beside a batch.
+    write is due, or until a rebalance clears the sink, and then awaits `writer.flush()`. The writes
+    to the local stores stay in the agent's one task, never beside a batch; only their changelog
+    records are sent, and their delivery awaited, in a task of their own.
     """
     app = stream.app
     consumer = app.consumer

@@ -56,7 +56,7 @@ def key_hashes(keys: list[bytes]) -> list[int]:
     for n, at in by_words.items():
         if len(at) < TOGETHER_MIN:
             for i in at:
-                out[i] = murmur2(keys[i]) & 0x7FFFFFFF
+                out[i] = key_hash(keys[i])
             continue
         group = [keys[i] for i in at]
         size = 4 * (n + 1)  # the key's words and its tail, zero-padded to one more word

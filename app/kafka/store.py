@@ -5,9 +5,10 @@ that reads the changelog. `GatedTable` keeps the changelog delivery futures of i
 await them before acking the source events: a state update that never reached the changelog would
 otherwise be lost on the next recovery while its source offset is already committed.
 
-The processor reads and writes a whole micro-batch at once (`read_many`, `put_many`): one RocksDB
-write batch per partition, the changelog records sent as record batches through the commit gate's
-sender, and the persisted changelog offset stored once per partition when the batch is confirmed.
+The processor reads and writes a whole micro-batch at once (`read_many`; `write`, then `send`): one
+RocksDB write batch per partition, the changelog records sent as record batches through the commit
+gate's sender, and the persisted changelog offset stored once per partition when the batch is
+confirmed.
 That is what Faust's `table[key] = value` does per key (local write, changelog send, persisted
 offset on delivery), in the same formats and order, without Faust's per-key machinery (about a
 fifth of a worker's CPU per event). Reads come from the records written in the same consumer
@@ -109,7 +110,7 @@ class GatedTable(faust.Table):
         super().__init__(*args, **kwargs)
         # changelog record batches not yet confirmed: (delivery future, topic-partition, keys)
         self.unconfirmed: list[tuple[asyncio.Future, TP, list[bytes]]] = []
-        # key -> (consumer generation, encoded record) of what put_many wrote, in two generations:
+        # key -> (consumer generation, encoded record) of what `write` wrote, in two generations:
         # when `recent` is full it becomes `older` (see read_many)
         self.recent: dict[str, tuple[object, bytes]] = {}
         self.older: dict[str, tuple[object, bytes]] = {}
@@ -147,10 +148,11 @@ class GatedTable(faust.Table):
                 out[i] = None if raw is None else _decode(raw)
         return out
 
-    encode = staticmethod(_encode)  # a record as the table stores it (what `put_many` takes)
+    encode = staticmethod(_encode)  # a record as the table stores it (what `write` takes)
 
     async def put_many(self, rows: list[tuple[int, str, bytes]], generation) -> None:
-        """Write (partition, key, encoded record) rows: every local store, then their changelog records."""
+        """Write (partition, key, encoded record) rows: every local store, then their changelog
+        records (a failed delivery's keys written again)."""
         await self.send(self.write(rows, generation))
 
     def write(self, rows: list[tuple[int, str, bytes]], generation) -> dict[int, list]:

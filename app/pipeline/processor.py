@@ -167,7 +167,8 @@ class Processor:
         new = dict(zip(unrouted, zip(unrouted.values(), key_hashes(list(unrouted.values())))))
         if len(routes) + len(new) > ROUTES_MAX:
             routes.clear()
-        routes.update(new)
+        if len(new) <= ROUTES_MAX:  # a batch of more new keys than that (BATCH_MAX is a setting) is not cached
+            routes.update(new)
         by_key: dict[str, list[Item]] = {}
         forward = []
         partitions = self.partitions
@@ -326,4 +327,5 @@ def _shrink_letter(record: Record) -> bool:
     if smaller is None:
         return False
     record.key, record.value, record.headers = smaller
+    record.key_hash = None  # of another key
     return True

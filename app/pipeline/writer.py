@@ -105,7 +105,8 @@ class StateWriter:
             # A worker that lost partitions without taking part in the rebalance (evicted after a
             # pause) must not write their state over what their new owner writes: the new owner
             # replays them from the committed offsets. (Without transactions a write already under
-            # way cannot be fenced; this closes the window to the time one write takes.)
+            # way cannot be fenced; this closes the window to the time one write takes to reach
+            # the changelog.)
             lost = {p for p, _ in unwritten.values() if p not in owned}
             if lost:
                 log.warning("%s partitions %s are no longer assigned here: their unwritten state is "

@@ -429,7 +429,10 @@ def test_murmur2_equals_aiokafkas_for_any_key(key):
 
 
 def _same_length_in_words(words: int):
-    return st.lists(st.binary(min_size=4 * words, max_size=4 * words + 3), min_size=16, max_size=40)
+    """Enough keys of one length in words to be hashed together."""
+    from app.kafka.partitioner import TOGETHER_MIN
+
+    return st.lists(st.binary(min_size=4 * words, max_size=4 * words + 3), min_size=TOGETHER_MIN, max_size=40)
 
 
 @given(group=st.integers(0, 70).flatmap(_same_length_in_words), others=st.lists(st.binary(max_size=300), max_size=40),

@@ -57,7 +57,7 @@ def unpack(pipeline: Pipeline, record) -> tuple[dict, dict, list]:
 class Item:
     """One source record on its way through the batch."""
 
-    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "features", "state",
+    __slots__ = ("record", "origin", "stream", "replay", "value", "key", "route", "features", "state",
                  "score", "shadow", "reasons", "stage", "error", "attempts", "duplicate", "output", "encoded",
                  "outgoing")
 
@@ -68,6 +68,7 @@ class Item:
         self.replay = None
         self.value = None
         self.key = None
+        self.route = None  # the key's bytes and the partitioner's hash of them, once admitted
         self.features = None
         self.state = None  # the key's state after this event, once applied
         self.score = None

@@ -139,7 +139,7 @@ class Processor:
                                                             p.check, p.key_field, p.source_topic)
         crash = self.faults.crash_ids() if self.faults is not None else None
         routes, unrouted = self._routes, {}  # unrouted: state key -> its bytes
-        keyed = []  # (item, its route if cached)
+        keyed = []
         for it in items:
             msg = it.record
             stage = "headers"
@@ -153,8 +153,8 @@ class Processor:
                 if crash and value[p.id_field] in crash:
                     self.faults.crash(value[p.id_field])
                 it.key = key = value[key_field]
-                route = routes.get(key)
-                if route is None and key not in unrouted:
+                it.route = routes.get(key)  # kept with the item: the cache may be cleared below
+                if it.route is None and key not in unrouted:
                     unrouted[key] = key.encode()
             except Poison as exc:
                 it.fail(exc.stage, exc)
@@ -162,7 +162,7 @@ class Processor:
             except Exception as exc:
                 it.fail(stage, exc)
                 continue
-            keyed.append((it, route))
+            keyed.append(it)
         # New keys hashed together: with a million users, a third of a batch's events have one.
         new = dict(zip(unrouted, zip(unrouted.values(), key_hashes(list(unrouted.values())))))
         if len(routes) + len(new) > ROUTES_MAX:
@@ -172,9 +172,11 @@ class Processor:
         by_key: dict[str, list[Item]] = {}
         forward = []
         partitions = self.partitions
-        for it, route in keyed:
+        for it in keyed:
             msg, key = it.record, it.key
-            raw, hashed = route or new[key]
+            if it.route is None:
+                it.route = new[key]
+            raw, hashed = it.route
             if msg.key != raw or msg.partition != hashed % partitions:
                 # not keyed by the state key or not on its partition: through the hop. A hop record
                 # too (only a forged one is), else its key's state would be read and written on
@@ -253,7 +255,7 @@ class Processor:
             item.fail("output", exc)
             return None
         item.output, item.encoded = body, encoded
-        raw, hashed = self._route(item.key)
+        raw, hashed = item.route
         return Record(p.output_topic, raw, encoded, owner=item, key_hash=hashed)
 
     def _forward(self, item: Item) -> Record:
@@ -261,7 +263,7 @@ class Processor:
         coordinates of the record the producer wrote (any copy of those headers it carried is dropped)."""
         msg = item.record
         headers = [(deadletters.sendable_name(k), v) for k, v in (msg.headers or ()) if k not in lineage.ORIGIN]
-        raw, hashed = self._route(item.key)
+        raw, hashed = item.route
         return Record(self.pipeline.repartition_topic, raw, msg.value, headers + lineage.origin_headers(item.origin),
                       owner=item, partition=hashed % self.partitions)
 
@@ -273,15 +275,6 @@ class Processor:
             topic=topic, partition=partition, offset=offset, attempts=item.attempts, now_ms=now_ms,
             replay=item.replay, max_bytes=self.dead_letter_max_bytes)
         return Record(self.dead_letter_topic, key, value, headers, owner=item)
-
-    def _route(self, key: str) -> tuple[bytes, int]:
-        """The state key's bytes and their partitioner's hash: cached by `_admit` for the keys of
-        the batch, unless the cache was full and cleared while it admitted them."""
-        route = self._routes.get(key)
-        if route is None:
-            raw = key.encode()
-            return raw, key_hash(raw)
-        return route
 
     def _count(self, items: list[Item], local: list[Item], forward: list[Item], now_ms: int) -> None:
         m = self.m
